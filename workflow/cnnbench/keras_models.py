@@ -1,0 +1,207 @@
+"""Keras 3 AlexNet and VGG16 in torchvision's layout and initialisation; stand-in weights.
+
+Both networks take uint8 images and do the conversion, resize and normalisation inside the
+model, so the whole input pipeline runs on the device in the backend's own ops. Before the
+first dense layer the feature map is flattened in channels-first order, like torchvision, so
+that weights can be ported between the frameworks by a plain transpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from .fileio import atomic_path
+
+# (filters, convs) per VGG16 block, with keras.applications' layer names block{b}_conv{c}.
+VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+ALEXNET_FEATURES = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
+                    (256, 3, 1, 1, False), (256, 3, 1, 1, True))  # filters, kernel, stride, pad, pool after
+
+
+@keras.saving.register_keras_serializable(package="cnnbench")
+class AdaptiveAveragePooling(layers.Layer):
+    """torch.nn.AdaptiveAvgPool2d for channels-last maps, as two fixed averaging matrices.
+
+    Bin i of n over an input of m covers [floor(i*m/n), ceil((i+1)*m/n)), exactly torch's rule,
+    for any sizes, upsampling too (a 1x1 map at 64x64 input becomes 6x6); keras' own layer
+    fails on TensorFlow when the output is larger than the input.
+    """
+
+    def __init__(self, output_size, **kwargs):
+        super().__init__(**kwargs)
+        self.output_size = tuple(output_size)
+
+    @staticmethod
+    def _matrix(in_size: int, out_size: int):
+        import numpy as np
+
+        matrix = np.zeros((out_size, in_size), dtype="float32")
+        for i in range(out_size):
+            start, end = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
+            matrix[i, start:end] = 1.0 / (end - start)
+        return matrix
+
+    def build(self, input_shape):
+        self.rows = self._matrix(input_shape[1], self.output_size[0])
+        self.cols = self._matrix(input_shape[2], self.output_size[1])
+
+    def call(self, inputs):
+        rows = keras.ops.cast(self.rows, inputs.dtype)
+        cols = keras.ops.cast(self.cols, inputs.dtype)
+        return keras.ops.einsum("oh,bhwc,pw->bopc", rows, inputs, cols)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.output_size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "output_size": self.output_size}
+
+
+def _torch_default_init(fan_in: int):
+    """PyTorch's default Conv/Linear init: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return (keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+            keras.initializers.RandomUniform(-bound, bound))
+
+
+def preprocessing(inputs, image_size: int, mean, std):
+    """uint8 -> float32 resized (bilinear, half-pixel like torch) and ImageNet-normalised."""
+    x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
+    x = layers.Resizing(image_size, image_size, interpolation="bilinear", dtype="float32", name="resize")(x)
+    scale = [1.0 / (255.0 * s) for s in std]
+    offset = [-m / s for m, s in zip(mean, std)]
+    return layers.Rescaling(scale, offset, dtype="float32", name="normalize")(x)
+
+
+def alexnet_features(x):
+    channels = 3
+    for index, (filters, kernel, stride, pad, pool) in enumerate(ALEXNET_FEATURES, start=1):
+        kernel_init, bias_init = _torch_default_init(channels * kernel * kernel)
+        x = layers.ZeroPadding2D(pad, name=f"pad{index}")(x)
+        x = layers.Conv2D(filters, kernel, strides=stride, activation="relu", name=f"conv{index}",
+                          kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+        if pool:
+            x = layers.MaxPooling2D(3, strides=2, name=f"pool{index}")(x)
+        channels = filters
+    return AdaptiveAveragePooling((6, 6), name="avgpool")(x)
+
+
+def vgg16_base(input_shape) -> keras.Model:
+    """VGG16's convolutional part, named and ordered like keras.applications.VGG16(include_top=False)."""
+    inputs = keras.Input(input_shape, name="features_input")
+    x = inputs
+    for block, (filters, convs) in enumerate(VGG16_BLOCKS, start=1):
+        for conv in range(1, convs + 1):
+            # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), zero bias.
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{block}_conv{conv}",
+                              kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"))(x)
+        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+    return keras.Model(inputs, x, name="vgg16")
+
+
+def classifier(x, num_classes: int, dropout: float, model: str):
+    """torchvision's classifier head; the feature map is flattened channels-first like torch."""
+    x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
+    x = layers.Flatten(name="flatten")(x)
+    fan_in = x.shape[-1]
+    for index in (1, 2):
+        if model == "alexnet":
+            kernel_init, bias_init = _torch_default_init(fan_in)
+            x = layers.Dropout(dropout, name=f"dropout{index}")(x)
+            x = layers.Dense(4096, activation="relu", name=f"fc{index}",
+                             kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+        else:  # vgg16: Linear -> ReLU -> Dropout, weights ~ N(0, 0.01), zero bias
+            x = layers.Dense(4096, activation="relu", name=f"fc{index}",
+                             kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01))(x)
+            x = layers.Dropout(dropout, name=f"dropout{index}")(x)
+        fan_in = 4096
+    if model == "alexnet":
+        kernel_init, bias_init = _torch_default_init(fan_in)
+    else:
+        kernel_init, bias_init = keras.initializers.RandomNormal(0.0, 0.01), "zeros"
+    return layers.Dense(num_classes, name="head", dtype="float32",
+                        kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+
+
+def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout: float = 0.5,
+                input_shape=(32, 32, 3), weights: str | Path | None = None) -> keras.Model:
+    """The ``name`` network on uint8 ``input_shape`` images, with ``weights`` loaded where given."""
+    inputs = keras.Input(input_shape, dtype="uint8", name="images")
+    x = preprocessing(inputs, image_size, mean, std)
+    if name == "alexnet":
+        if weights is not None:
+            raise ValueError("Keras AlexNet has no published ImageNet weights to load")
+        x = alexnet_features(x)
+    elif name == "vgg16":
+        base = vgg16_base((image_size, image_size, 3))
+        if weights is not None:
+            base.load_weights(str(weights))
+        x = base(x)
+        x = AdaptiveAveragePooling((7, 7), name="avgpool")(x)
+    else:
+        raise ValueError(f"unknown model {name!r}; use alexnet or vgg16")
+    outputs = classifier(x, num_classes, dropout, name)
+    return keras.Model(inputs, outputs, name=f"{name}_cifar")
+
+
+@keras.saving.register_keras_serializable(package="cnnbench")
+class TorchSGD(keras.optimizers.SGD):
+    """SGD with PyTorch's coupled weight decay: ``grad += weight_decay * w`` before momentum.
+
+    Keras' own ``weight_decay`` is decoupled (applied to the variable directly), which would
+    make the two frameworks train differently with the same config.
+    """
+
+    def __init__(self, l2: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.l2 = l2
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.l2:
+            gradient = keras.ops.add(gradient, keras.ops.multiply(keras.ops.cast(self.l2, variable.dtype), variable))
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "l2": self.l2}
+
+
+def make_optimizer(hp: dict, steps_per_epoch: int):
+    """SGD as the config says; a cosine schedule decays per step, as the torch trainer does."""
+    if hp["lr_schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(hp["lr"], decay_steps=hp["epochs"] * steps_per_epoch)
+    else:
+        lr = hp["lr"]
+    return TorchSGD(l2=hp["weight_decay"], learning_rate=lr, momentum=hp["momentum"], nesterov=hp["nesterov"])
+
+
+def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
+    """Random VGG16 conv weights saved in the legacy HDF5 layout of the published notop file."""
+    if name != "vgg16":
+        raise ValueError("stand-in Keras weights exist for vgg16 only (the published Keras file)")
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(seed)
+    base = vgg16_base((224, 224, 3))
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write stand-in (random) weights in Keras' published format.")
+    parser.add_argument("--model", required=True, choices=["vgg16"])
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    write_standin_weights(args.model, args.out)
+    print(f"wrote stand-in {args.model} weights to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Keras 3 trainer: one variant, one seed, on the backend named by ``--keras-backend``.
+
+The model takes uint8 batches and resizes/normalises them itself (see ``keras_models``), so the
+host only slices small uint8 batches; the upscaled images exist only on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import training
+from .fileio import atomic_path, write_json_atomic
+from .training import EXIT_PREEMPTED, StopRequested, TrainingError
+
+
+def import_keras(backend: str):
+    """Import Keras on ``backend``; Keras reads KERAS_BACKEND once, at its first import."""
+    os.environ["KERAS_BACKEND"] = backend
+    import keras
+
+    if keras.backend.backend() != backend:
+        raise TrainingError(f"Keras is already running on {keras.backend.backend()}, not {backend}")
+    return keras
+
+
+def gpu_name(backend: str) -> str | None:
+    """Name of the first GPU the backend sees, or None."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu") if gpus else None
+    if backend == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        return gpus[0].device_kind if gpus else None
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def log_softmax_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def evaluate(model, x, y, hp):
+    logits = model.predict(x, batch_size=hp["eval_batch_size"], verbose=0)
+    predictions = logits.argmax(axis=1)
+    return log_softmax_loss(logits, y), float((predictions == y).mean()), predictions
+
+
+class Checkpoint:
+    """``epoch{N}.keras`` (model + optimizer state) and ``state.json``, the commit point."""
+
+    def __init__(self, directory: Path, fingerprint: dict):
+        self.directory = directory
+        self.state_path = directory / "state.json"
+        self.fingerprint = fingerprint
+
+    def load(self, keras):
+        if not self.state_path.exists():
+            return None, []
+        state = json.loads(self.state_path.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            print(f"ignoring checkpoint {self.directory}: it was written by another configuration", file=sys.stderr)
+            return None, []
+        model = keras.saving.load_model(self.directory / state["model"])
+        print(f"resuming from {self.directory} after epoch {len(state['history'])}", file=sys.stderr, flush=True)
+        return model, state["history"]
+
+    def save(self, model, history: list[dict]) -> None:
+        name = f"epoch{len(history)}.keras"
+        with atomic_path(self.directory / name) as tmp:
+            model.save(tmp)
+        write_json_atomic(self.state_path, {"model": name, "history": history, "fingerprint": self.fingerprint})
+        for old in self.directory.glob("epoch*.keras"):
+            if old.name != name:
+                old.unlink()
+
+
+def run(args: training.RunArgs, backend: str) -> dict:
+    hp = dict(args.hparams)
+    keras = import_keras(backend)
+    from .keras_models import build_model, make_optimizer  # registers custom objects for loading too
+
+    device_name = gpu_name(backend)
+    if device_name is None:
+        if hp["require_gpu"]:
+            raise TrainingError(f"require_gpu is true but Keras ({backend} backend) sees no GPU. Run on a GPU "
+                                "node (with --nv for containers) or set require_gpu: false.")
+        warnings.warn("no GPU visible: training on the CPU, which is far slower", stacklevel=2)
+    elif hp["precision"] == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    stop = StopRequested()
+    data = training.load_data(args)
+    class_names = data["class_names"]
+    x_train, y_train = data["x_train"], data["y_train"]
+
+    keras.utils.set_random_seed(args.seed)
+    fingerprint = training.run_fingerprint(args, data["sha256"])
+    checkpoint = Checkpoint(args.checkpoint_dir, fingerprint)
+    model, history = checkpoint.load(keras)
+    if model is None:
+        model = build_model(args.model, len(class_names), hp["image_size"], hp["mean"], hp["std"],
+                            hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights)
+        model.compile(optimizer=make_optimizer(hp, steps_per_epoch=-(-len(y_train) // hp["batch_size"])),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+
+    class Progress(keras.callbacks.Callback):
+        def __init__(self, bar):
+            super().__init__()
+            self.bar = bar
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(min(hp["batch_size"], len(y_train) - batch * hp["batch_size"]))
+            if stop.requested:
+                self.model.stop_training = True
+
+    try:
+        for epoch in range(len(history) + 1, hp["epochs"] + 1):
+            order = np.random.default_rng(training.epoch_seed(args.seed, epoch)).permutation(len(y_train))
+            with training.progress(len(y_train), f"epoch {epoch}/{hp['epochs']}") as bar, training.Timer() as timer:
+                fit = model.fit(x_train[order], y_train[order], batch_size=hp["batch_size"], epochs=1,
+                                shuffle=False, verbose=0, callbacks=[Progress(bar)])
+            if stop.requested:
+                return None
+            train_loss, train_acc = fit.history["loss"][-1], fit.history["accuracy"][-1]
+            training.check_finite(train_loss, epoch, hp)
+            val_loss, val_acc, _ = evaluate(model, data["x_val"], data["y_val"], hp)
+            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc,
+                                           timer.seconds, len(y_train))
+            history.append(record)
+            training.log_epoch(record, hp["epochs"])
+            checkpoint.save(model, history)
+    except Exception as err:  # each backend raises its own out-of-memory type
+        if "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower():
+            raise TrainingError(f"the GPU ran out of memory with batch_size={hp['batch_size']} "
+                                f"(eval_batch_size={hp['eval_batch_size']}) at image_size={hp['image_size']}: "
+                                "lower them for this variant in the config (variant_overrides).") from err
+        raise
+
+    test_loss, _, predictions = evaluate(model, data["x_test"], data["y_test"], hp)
+    with atomic_path(args.model_out) as tmp:
+        model.save(tmp)
+    env = training.environment("gpu" if device_name else "cpu", device_name or "cpu",
+                               f"keras {keras.__version__}, {backend} {backend_version(backend)}",
+                               args.container, keras_backend=backend)
+    metrics = training.build_metrics(args, data, history,
+                                     training.test_summary(test_loss, data["y_test"], predictions, class_names),
+                                     env)
+    training.finish(args, metrics)
+    return metrics
+
+
+def backend_version(backend: str) -> str:
+    module = __import__(backend)
+    return module.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = training.parse_args("keras", argv)
+    try:
+        metrics = run(args, args.keras_backend)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if metrics is None:
+        return EXIT_PREEMPTED
+    print(f"{args.variant} seed {args.seed}: test accuracy {metrics['test']['accuracy']:.4f}, "
+          f"{metrics['train_seconds']:.1f} s of training", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

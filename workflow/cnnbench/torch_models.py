@@ -1,0 +1,52 @@
+"""torchvision AlexNet and VGG16 with a new classification head; stand-in weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .fileio import atomic_path
+
+ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16}
+
+
+def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None) -> nn.Module:
+    """torchvision's ``name``, optionally loaded with ImageNet ``weights``, with a ``num_classes`` head.
+
+    Weights load into the 1000-class network first (the file's own layout), then the last
+    linear layer is replaced, so fine-tuning keeps every pretrained layer but the head.
+    """
+    model = ARCHITECTURES[name](weights=None, dropout=dropout)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    head = model.classifier[-1]
+    model.classifier[-1] = nn.Linear(head.in_features, num_classes)
+    return model
+
+
+def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
+    """Randomly initialised ImageNet-shaped weights, saved exactly like torchvision's files."""
+    torch.manual_seed(seed)
+    state = ARCHITECTURES[name](weights=None).state_dict()
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write stand-in (random) weights in torchvision's format.")
+    parser.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    write_standin_weights(args.model, args.out)
+    print(f"wrote stand-in {args.model} weights to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

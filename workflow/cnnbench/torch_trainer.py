@@ -1,0 +1,212 @@
+"""PyTorch trainer: one variant, one seed, data kept on the device as uint8.
+
+Each step gathers a batch by index from the uint8 tensor already on the device, converts,
+resizes and normalises it there: no per-image Python work and no resized copy of the dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import training
+from .fileio import atomic_path
+from .torch_models import build_model
+from .training import EXIT_PREEMPTED, StopRequested, TrainingError
+
+
+class Preempted(Exception):
+    pass
+
+
+def select_device(require_gpu: bool) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if require_gpu:
+        raise TrainingError("require_gpu is true but torch sees no CUDA GPU (torch.cuda.is_available() is "
+                            "False). Run on a GPU node (with --nv for containers) or set require_gpu: false.")
+    warnings.warn("no CUDA GPU visible: training on the CPU, which is far slower", stacklevel=2)
+    return torch.device("cpu")
+
+
+class Preprocess:
+    """uint8 NHWC batch on the device -> normalised float NCHW (channels_last) at ``image_size``."""
+
+    def __init__(self, image_size: int, mean, std, device: torch.device):
+        self.size = image_size
+        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8.permute(0, 3, 1, 2).float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x * self.scale + self.shift
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, epoch_seed, stop, desc):
+    model.train()
+    generator = torch.Generator(device="cpu").manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed)  # dropout masks of this epoch
+    order = torch.randperm(len(y), generator=generator).to(device)
+    batch_size = hp["batch_size"]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    with training.progress(len(y), desc) as bar:
+        for start in range(0, len(y), batch_size):
+            index = order[start:start + batch_size]
+            images, labels = preprocess(x[index]), y[index]
+            with autocast(device, hp["precision"]):
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.argmax(1) == labels).sum()
+            bar.update(len(index))
+            if stop.requested:
+                raise Preempted
+    return loss_sum.item() / len(y), correct.item() / len(y)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, preprocess, hp, device):
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    predictions = []
+    for start in range(0, len(y), hp["eval_batch_size"]):
+        images, labels = preprocess(x[start:start + hp["eval_batch_size"]]), y[start:start + hp["eval_batch_size"]]
+        with autocast(device, hp["precision"]):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        predictions.append(logits.argmax(1))
+    predictions = torch.cat(predictions)
+    return loss_sum.item() / len(y), (predictions == y).float().mean().item(), predictions.cpu().numpy()
+
+
+def make_scheduler(optimizer, hp, steps_per_epoch: int):
+    """Stepped once per batch (the Keras trainer's schedules count steps too)."""
+    if hp["lr_schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp["epochs"] * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, history, fingerprint) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "history": history, "fingerprint": fingerprint,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint) -> list[dict]:
+    """Restore a matching checkpoint; return the history so far ([] to start afresh)."""
+    if not path.exists():
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        print(f"ignoring checkpoint {path}: it was written by another configuration", file=sys.stderr)
+        return []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    print(f"resuming from {path} after epoch {len(state['history'])}", file=sys.stderr, flush=True)
+    return state["history"]
+
+
+def run(args: training.RunArgs) -> dict:
+    hp = args.hparams
+    device = select_device(hp["require_gpu"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    stop = StopRequested()
+    data = training.load_data(args)
+    class_names = data["class_names"]
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, len(class_names), hp["dropout"], args.weights)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+                                weight_decay=hp["weight_decay"], nesterov=hp["nesterov"])
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch=-(-len(data["y_train"]) // hp["batch_size"]))
+    fingerprint = training.run_fingerprint(args, data["sha256"])
+    checkpoint = args.checkpoint_dir / "last.pt"
+    history = load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
+
+    def on_device(name, dtype=None):
+        return torch.from_numpy(data[name]).to(device, dtype)
+
+    x_train, y_train = on_device("x_train"), on_device("y_train", torch.long)
+    x_val, y_val = on_device("x_val"), on_device("y_val", torch.long)
+    x_test, y_test = on_device("x_test"), on_device("y_test", torch.long)
+    preprocess = Preprocess(hp["image_size"], hp["mean"], hp["std"], device)
+
+    try:
+        for epoch in range(len(history) + 1, hp["epochs"] + 1):
+            with training.Timer() as timer:
+                train_loss, train_acc = train_one_epoch(
+                    model, optimizer, scheduler, x_train, y_train, preprocess, hp, device,
+                    training.epoch_seed(args.seed, epoch), stop, f"epoch {epoch}/{hp['epochs']}")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            training.check_finite(train_loss, epoch, hp)
+            val_loss, val_acc, _ = evaluate(model, x_val, y_val, preprocess, hp, device)
+            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc,
+                                           timer.seconds, len(y_train))
+            history.append(record)
+            training.log_epoch(record, hp["epochs"])
+            save_checkpoint(checkpoint, model, optimizer, scheduler, history, fingerprint)
+    except torch.cuda.OutOfMemoryError as err:
+        raise TrainingError(f"CUDA ran out of memory with batch_size={hp['batch_size']} "
+                            f"(eval_batch_size={hp['eval_batch_size']}) at image_size={hp['image_size']}: "
+                            "lower them for this variant in the config (variant_overrides).") from err
+
+    test_loss, _, predictions = evaluate(model, x_test, y_test, preprocess, hp, device)
+    with atomic_path(args.model_out) as tmp:
+        torch.save(model.state_dict(), tmp)
+    env = training.environment(
+        device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch.__version__, args.container)
+    metrics = training.build_metrics(args, data, history,
+                                     training.test_summary(test_loss, data["y_test"], predictions, class_names),
+                                     env)
+    training.finish(args, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = training.parse_args("torch", argv)
+    try:
+        metrics = run(args)
+    except Preempted:
+        return EXIT_PREEMPTED
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.variant} seed {args.seed}: test accuracy {metrics['test']['accuracy']:.4f}, "
+          f"{metrics['train_seconds']:.1f} s of training", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

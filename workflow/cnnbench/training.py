@@ -1,0 +1,238 @@
+"""Framework-neutral parts of a training run: CLI, seeds, progress, checks and metrics assembly.
+
+Each framework's trainer (``torch_trainer``, ``keras_trainer``) imports this module and adds
+only what is framework-specific: the model, the step, the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import ConfigError, parse_variant
+from .data import load_prepared
+from .fileio import file_digest, write_json_atomic
+from .metrics import SCHEMA_VERSION, validate_metrics
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says what to do."""
+
+
+@dataclass
+class RunArgs:
+    variant: str
+    seed: int
+    data: Path
+    hparams: dict
+    run_dir: Path
+    metrics: Path
+    model_out: Path
+    weights: Path | None
+    weights_source: str
+    container: str | None
+    keras_backend: str | None = None
+    framework: str = field(init=False)
+    model: str = field(init=False)
+    init: str = field(init=False)
+
+    def __post_init__(self):
+        self.framework, self.model, self.init = parse_variant(self.variant)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+
+def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
+    parser = argparse.ArgumentParser(description=f"Train one {framework} variant on the prepared data.")
+    parser.add_argument("--variant", required=True, help="{framework}-{model}-{init}")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="prepared .npz from cnnbench.data")
+    parser.add_argument("--hparams", required=True, help="resolved hyperparameters as JSON")
+    parser.add_argument("--run-dir", type=Path, required=True, help="directory for checkpoints")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics.json to write")
+    parser.add_argument("--model-out", type=Path, required=True, help="trained model file to write")
+    parser.add_argument("--weights", type=Path, default=None, help="pretrained weights file (pretrained init)")
+    parser.add_argument("--weights-source", choices=["imagenet", "standin", "none"], default="none")
+    parser.add_argument("--container", help="container image the run uses (recorded in the metrics); "
+                        "defaults to the image Apptainer/Singularity reports",
+                        default=os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"))
+    if framework == "keras":
+        parser.add_argument("--keras-backend", choices=["tensorflow", "jax", "torch"],
+                            default=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    ns = parser.parse_args(argv)
+    try:
+        hparams = json.loads(ns.hparams)
+        args = RunArgs(ns.variant, ns.seed, ns.data, hparams, ns.run_dir, ns.metrics, ns.model_out,
+                       ns.weights, ns.weights_source, ns.container, getattr(ns, "keras_backend", None))
+    except (ConfigError, json.JSONDecodeError) as err:
+        parser.error(str(err))
+    if args.framework != framework:
+        parser.error(f"variant {args.variant} is not a {framework} variant")
+    if args.init == "pretrained" and (args.weights is None or args.weights_source == "none"):
+        parser.error("a pretrained variant needs --weights and --weights-source imagenet|standin")
+    if args.init == "scratch":
+        args.weights, args.weights_source = None, "none"
+    if args.weights is not None and not args.weights.exists():
+        parser.error(f"weights file {args.weights} does not exist: run the workflow's weights rule "
+                     "(snakemake resources/weights/...) or set `weights: standin` for offline runs")
+    return args
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed for one epoch's shuffling and dropout: a resumed run replays the same epochs."""
+    return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+def load_data(args: RunArgs) -> dict:
+    data = load_prepared(args.data)
+    data["sha256"] = file_digest(args.data)
+    return data
+
+
+def check_finite(loss: float, epoch: int, hparams: dict) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"training loss became {loss} in epoch {epoch}: the run diverged. Lower the learning rate "
+            f"(lr={hparams['lr']}) for this variant in the config (variant_overrides) and rerun. "
+            "No metrics were written."
+        )
+
+
+class StopRequested:
+    """Turns SIGTERM (what SLURM sends before a time limit) into a flag the loop checks."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print("SIGTERM received: stopping after this step; the last completed epoch is checkpointed.",
+              file=sys.stderr, flush=True)
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar fit for a log file: plain ASCII, updated at most every few seconds."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, ascii=not interactive,
+                mininterval=0.5 if interactive else 5.0, file=sys.stderr, dynamic_ncols=interactive)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(num_classes * labels + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def test_summary(loss: float, labels: np.ndarray, predictions: np.ndarray, class_names) -> dict:
+    matrix = confusion_matrix(np.asarray(labels), np.asarray(predictions), len(class_names))
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    return {
+        "loss": float(loss),
+        "accuracy": float(matrix.diagonal().sum() / matrix.sum()),
+        "per_class_accuracy": {name: float(acc) for name, acc in zip(class_names, per_class)},
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def environment(device: str, device_name: str, framework_version: str, container: str | None,
+                **extra) -> dict:
+    return {
+        "device": device,
+        "device_name": device_name,
+        "framework_version": framework_version,
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "container": container,
+        "cnnbench_version": __version__,
+        **extra,
+    }
+
+
+def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, env: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "variant": args.variant,
+        "framework": args.framework,
+        "model": args.model,
+        "init": args.init,
+        "seed": args.seed,
+        "config": args.hparams,
+        "data": {
+            "source": data["source"],
+            "train_size": int(len(data["y_train"])),
+            "val_size": int(len(data["y_val"])),
+            "test_size": int(len(data["y_test"])),
+            "sha256": data["sha256"],
+        },
+        "weights": {
+            "source": args.weights_source,
+            "sha256": file_digest(args.weights) if args.weights else None,
+        },
+        "history": history,
+        "test": test,
+        "train_seconds": float(sum(epoch["seconds"] for epoch in history)),
+        "environment": env,
+    }
+
+
+def finish(args: RunArgs, metrics: dict) -> None:
+    """Write metrics.json (the run's commit point), then drop the checkpoint it no longer needs."""
+    validate_metrics(metrics)
+    write_json_atomic(args.metrics, metrics)
+    shutil.rmtree(args.checkpoint_dir, ignore_errors=True)
+
+
+def epoch_record(epoch: int, train_loss: float, train_acc: float, val_loss: float, val_acc: float,
+                 seconds: float, images: int) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": float(train_loss),
+        "train_accuracy": float(train_acc),
+        "val_loss": float(val_loss),
+        "val_accuracy": float(val_acc),
+        "seconds": float(seconds),
+        "images_per_second": float(images / seconds) if seconds > 0 else 0.0,
+    }
+
+
+def log_epoch(record: dict, epochs: int) -> None:
+    print(
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+        f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
+        f"acc {record['val_accuracy']:.4f} | {record['seconds']:.1f} s, "
+        f"{record['images_per_second']:.0f} img/s",
+        file=sys.stderr, flush=True,
+    )
+
+
+def run_fingerprint(args: RunArgs, data_sha256: str) -> dict:
+    """What a checkpoint must match to be resumed (else it is from another configuration)."""
+    return {"variant": args.variant, "seed": args.seed, "hparams": args.hparams, "data_sha256": data_sha256,
+            "weights_source": args.weights_source}
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

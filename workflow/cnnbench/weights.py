@@ -1,0 +1,111 @@
+"""Pretrained weights: where each file comes from, its published hash, and staging it locally.
+
+Trainers never download: the workflow stages the files into ``resources/weights/`` first
+(``imagenet/`` for the published files, ``standin/`` for random weights in the same formats),
+so that a GPU node without internet can train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fileio import atomic_path, file_digest
+
+
+class WeightsError(RuntimeError):
+    """Missing or corrupt weights; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    filename: str
+    url: str
+    algorithm: str  # hash algorithm the publisher gives
+    digest: str  # published digest, or its published prefix (torchvision puts 8 hex digits in the name)
+
+
+PRETRAINED = {
+    ("torch", "alexnet"): WeightsFile(
+        "alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        "sha256", "7be5be79"),
+    ("torch", "vgg16"): WeightsFile(
+        "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
+        "sha256", "397923af"),
+    ("keras", "vgg16"): WeightsFile(
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "md5", "6d6bbae143d832006294945121d1f1fc"),
+}
+
+
+def weights_file(framework: str, model: str) -> WeightsFile:
+    try:
+        return PRETRAINED[(framework, model)]
+    except KeyError:
+        available = ", ".join(f"{f}-{m}" for f, m in PRETRAINED)
+        raise WeightsError(f"no pretrained weights are published for {framework}-{model}; "
+                           f"pretrained variants exist for: {available}") from None
+
+
+def weights_path(weights_dir: str | Path, source: str, framework: str, model: str) -> Path:
+    return Path(weights_dir) / source / weights_file(framework, model).filename
+
+
+def verify(path: str | Path, spec: WeightsFile) -> None:
+    actual = file_digest(path, spec.algorithm)
+    if not actual.startswith(spec.digest):
+        raise WeightsError(
+            f"{path} has {spec.algorithm} {actual}, but {spec.url} is published as {spec.digest}: the "
+            f"file is corrupt or not the published weights. Delete it and run the workflow again to "
+            f"re-download it."
+        )
+
+
+def fetch(spec: WeightsFile, dest: str | Path, timeout: float = 60.0) -> Path:
+    """Download ``spec`` to ``dest`` and verify it; never leaves a partial or unverified file."""
+    dest = Path(dest)
+    try:
+        with atomic_path(dest) as tmp:
+            digest = hashlib.new(spec.algorithm)
+            with urllib.request.urlopen(spec.url, timeout=timeout) as response, open(tmp, "wb") as out:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+            verify(tmp, spec)
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise WeightsError(
+            f"could not download {spec.url} ({err}). On a machine without internet, download that URL "
+            f"elsewhere and put the file at {dest}, or set `weights: standin` in the config to train "
+            "from random weights in the same format."
+        ) from err
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Download and verify published ImageNet weights.")
+    parser.add_argument("--framework", required=True, choices=["torch", "keras"])
+    parser.add_argument("--model", required=True, choices=["alexnet", "vgg16"])
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        spec = weights_file(args.framework, args.model)
+        if args.out.exists():
+            verify(args.out, spec)
+        else:
+            fetch(spec, args.out)
+    except WeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {spec.algorithm} matches the published {spec.digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+DATA_CONFIG = config["data"]
+CIFAR10_TARBALL = DATA_CONFIG["cifar10"]["path"]
+
+
+def data_source(wildcards):
+    if DATA_CONFIG["source"] == "cifar10":
+        return CIFAR10_TARBALL
+    if DATA_CONFIG["source"] == "imagefolder":
+        return DATA_CONFIG["imagefolder"]["path"]
+    return []
+
+
+localrules:
+    download_cifar10,
+
+
+rule download_cifar10:
+    output:
+        CIFAR10_TARBALL,
+    params:
+        url=DATA_CONFIG["cifar10"]["url"],
+        md5=DATA_CONFIG["cifar10"]["md5"],
+    log:
+        "results/logs/download_cifar10.log",
+    shell:
+        "{PYTHON} cnnbench.data download --url {params.url} --md5 {params.md5} --out {output} > {log} 2>&1"
+
+
+rule prepare_data:
+    input:
+        data_source,
+    output:
+        DATA,
+    params:
+        data_config=json.dumps(DATA_CONFIG, sort_keys=True),
+    log:
+        "results/logs/prepare_data.log",
+    container:
+        config["containers"]["torch"]
+    shell:
+        "{PYTHON} cnnbench.data prepare --data-config {params.data_config:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,53 @@
+# One rule per framework: each runs in its own container, and never both in one process.
+
+TRAIN_ARGS = (
+    "--variant {wildcards.framework}-{wildcards.model}-{wildcards.init} --seed {wildcards.seed} "
+    "--data {input.data} --hparams {params.hparams:q} --run-dir {params.run_dir} "
+    "--metrics {output.metrics} --model-out {output.model} {params.weights}"
+)
+
+
+rule train_torch:
+    input:
+        data=DATA,
+        weights=pretrained_weights,
+    output:
+        metrics=f"{RUN_DIR}/metrics.json",
+        model=f"{RUN_DIR}/model.pt",
+    wildcard_constraints:
+        framework="torch",
+    params:
+        hparams=hparams_json,
+        run_dir=RUN_DIR,
+        weights=weights_args,
+    log:
+        f"{RUN_DIR}/train.log",
+    resources:
+        gpu=1,
+    container:
+        config["containers"]["torch"]
+    shell:
+        f"{PYTHON} cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
+
+
+rule train_keras:
+    input:
+        data=DATA,
+        weights=pretrained_weights,
+    output:
+        metrics=f"{RUN_DIR}/metrics.json",
+        model=f"{RUN_DIR}/model.keras",
+    wildcard_constraints:
+        framework="keras",
+    params:
+        hparams=hparams_json,
+        run_dir=RUN_DIR,
+        weights=weights_args,
+    log:
+        f"{RUN_DIR}/train.log",
+    resources:
+        gpu=1,
+    container:
+        config["containers"]["tensorflow"]
+    shell:
+        f"{PYTHON} cnnbench.keras_trainer --keras-backend {config['keras_backend']} {TRAIN_ARGS} > {{log}} 2>&1"
