@@ -8,8 +8,11 @@ sys.path.insert(0, str(PACKAGE_DIR))
 from cnnbench.config import ConfigError, parse_variant, resolve_hparams  # noqa: E402
 from cnnbench.weights import PRETRAINED, weights_path  # noqa: E402
 
-# Every trainer and helper runs as `python -m cnnbench.<module>` with the package on the path.
-PYTHON = f"PYTHONPATH={PACKAGE_DIR} python -m"
+# Every job runs `python -m cnnbench.<module>` with the package on the path, in a container too
+# (Apptainer mounts the working directory; see profiles/ for other bind paths).
+shell.prefix(f"export PYTHONPATH={PACKAGE_DIR}; ")
+TORCH_IMAGE = config["containers"]["torch"]
+KERAS_IMAGE = config["containers"]["tensorflow"]
 DATA = "results/data/dataset.npz"
 RUN_DIR = "results/runs/{framework}-{model}-{init}/seed{seed}"
 WEIGHTS_DIR = config["weights_dir"]
@@ -54,3 +57,28 @@ def weights_args(wildcards, input):
 
 def all_metrics():
     return expand("results/runs/{variant}/seed{seed}/metrics.json", variant=config["variants"], seed=config["seeds"])
+
+
+# ----------------------------------------------------------------------------- data inputs
+DATA_CONFIG = config["data"]
+CIFAR10_TARBALL = DATA_CONFIG["cifar10"]["path"]
+
+
+def data_source(wildcards):
+    """What prepare_data reads: the CIFAR-10 tarball, the image folder, or nothing (synthetic)."""
+    if DATA_CONFIG["source"] == "cifar10":
+        return CIFAR10_TARBALL
+    if DATA_CONFIG["source"] == "imagefolder":
+        return DATA_CONFIG["imagefolder"]["path"]
+    return []
+
+
+# ------------------------------------------------------------------------- weights files
+def weights_filenames(framework):
+    """Regex of the weights file names published for ``framework`` (a wildcard constraint)."""
+    return "|".join(spec.filename.replace(".", r"\.") for (fw, _), spec in PRETRAINED.items() if fw == framework)
+
+
+def weights_owner(filename):
+    """(framework, model) of a published weights file name."""
+    return next(key for key, spec in PRETRAINED.items() if spec.filename == filename)

@@ -1,15 +1,3 @@
-DATA_CONFIG = config["data"]
-CIFAR10_TARBALL = DATA_CONFIG["cifar10"]["path"]
-
-
-def data_source(wildcards):
-    if DATA_CONFIG["source"] == "cifar10":
-        return CIFAR10_TARBALL
-    if DATA_CONFIG["source"] == "imagefolder":
-        return DATA_CONFIG["imagefolder"]["path"]
-    return []
-
-
 localrules:
     download_cifar10,
 
@@ -22,8 +10,10 @@ rule download_cifar10:
         md5=DATA_CONFIG["cifar10"]["md5"],
     log:
         "results/logs/download_cifar10.log",
+    container:
+        TORCH_IMAGE
     shell:
-        "{PYTHON} cnnbench.data download --url {params.url} --md5 {params.md5} --out {output} > {log} 2>&1"
+        "python -m cnnbench.data download --url {params.url} --md5 {params.md5} --out {output} > {log} 2>&1"
 
 
 rule prepare_data:
@@ -36,6 +26,6 @@ rule prepare_data:
     log:
         "results/logs/prepare_data.log",
     container:
-        config["containers"]["torch"]
+        TORCH_IMAGE
     shell:
-        "{PYTHON} cnnbench.data prepare --data-config {params.data_config:q} --out {output} > {log} 2>&1"
+        "python -m cnnbench.data prepare --data-config {params.data_config:q} --out {output} > {log} 2>&1"

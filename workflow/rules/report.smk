@@ -7,6 +7,8 @@ rule summarize:
         plot=SUMMARY_FILES[2],
     log:
         "results/logs/summarize.log",
+    container:
+        TORCH_IMAGE
     shell:
-        "{PYTHON} cnnbench.report {input} --csv {output.csv} --markdown {output.markdown} "
+        "python -m cnnbench.report {input} --csv {output.csv} --markdown {output.markdown} "
         "--plot {output.plot} > {log} 2>&1"

@@ -22,12 +22,13 @@ rule train_torch:
         weights=weights_args,
     log:
         f"{RUN_DIR}/train.log",
+    threads: workflow.cores
     resources:
         gpu=1,
     container:
-        config["containers"]["torch"]
+        TORCH_IMAGE
     shell:
-        f"{PYTHON} cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
+        f"OMP_NUM_THREADS={{threads}} python -m cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
 
 
 rule train_keras:
@@ -43,11 +44,13 @@ rule train_keras:
         hparams=hparams_json,
         run_dir=RUN_DIR,
         weights=weights_args,
+        backend=config["keras_backend"],
     log:
         f"{RUN_DIR}/train.log",
+    threads: workflow.cores
     resources:
         gpu=1,
     container:
-        config["containers"]["tensorflow"]
+        KERAS_IMAGE
     shell:
-        f"{PYTHON} cnnbench.keras_trainer --keras-backend {config['keras_backend']} {TRAIN_ARGS} > {{log}} 2>&1"
+        f"TF_NUM_INTRAOP_THREADS={{threads}} python -m cnnbench.keras_trainer --keras-backend {{params.backend}} {TRAIN_ARGS} > {{log}} 2>&1"

@@ -1,0 +1,28 @@
+# make demo: create .venv, install, run the demo workflow (results in results/)
+# make test: create .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+
+.PHONY: demo test venv clean lint
+
+$(BIN)/snakemake: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(BIN)/snakemake
+
+demo: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --configfile config/demo.yaml --cores $(CORES)
+
+test: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest tests
+
+lint: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
+
+clean:
+	rm -rf results .snakemake
