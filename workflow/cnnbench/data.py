@@ -129,7 +129,8 @@ def _decode_image(raw: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read image {name}: {err}. Remove or replace that file.") from err
+        reason = "not a decodable image" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DataError(f"cannot read image {name} ({reason}). Remove or replace that file.") from err
 
 
 def _iter_imagefolder(path: Path):

@@ -1,0 +1,74 @@
+"""Shared test helpers.
+
+Tests that need an external tool (Apptainer, SLURM, a GPU, the real data) skip when it is
+missing, except where CNNBENCH_REQUIRE_TOOLS is set (CI sets it): there a missing tool fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = REPO / "workflow"
+sys.path.insert(0, str(PACKAGE_DIR))
+
+REQUIRE_TOOLS = bool(os.environ.get("CNNBENCH_REQUIRE_TOOLS"))
+SHARED_JPEG_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+def skip_or_fail(reason: str):
+    """Skip on a user's machine; fail where CI demands every check (CNNBENCH_REQUIRE_TOOLS)."""
+    if REQUIRE_TOOLS:
+        pytest.fail(f"{reason} (CNNBENCH_REQUIRE_TOOLS is set, so this check may not be skipped)")
+    pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        skip_or_fail(f"{name} is not installed")
+    return path
+
+
+def run_module(module: str, *args, env: dict | None = None, check: bool = True, timeout: float = 900):
+    """Run ``python -m cnnbench.<module>`` in its own process (one framework per process)."""
+    full_env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    result = subprocess.run([sys.executable, "-m", f"cnnbench.{module}", *map(str, args)],
+                            capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cnnbench.{module} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 600):
+    """Run ``code`` in a fresh interpreter with the package importable; return its last JSON line."""
+    full_env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                            timeout=timeout)
+    assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+DEFAULT_HPARAMS = {
+    "epochs": 1, "batch_size": 16, "eval_batch_size": 64, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+    "nesterov": False, "weight_decay": 0.0005, "lr_schedule": "constant", "dropout": 0.5, "image_size": 64,
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "precision": "fp32", "require_gpu": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared synthetic dataset small enough for one-epoch trainer runs."""
+    from cnnbench.data import prepare
+
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    prepare({"source": "synthetic", "val_size": 20, "split_seed": 0,
+             "synthetic": {"train_per_class": 6, "test_per_class": 3, "image_size": 32, "seed": 0}}, path)
+    return path

@@ -1,0 +1,50 @@
+"""Hand-made, schema-valid metrics for tests of the schema and the aggregation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cnnbench.config import parse_variant
+
+CLASS_NAMES = [f"class{i}" for i in range(10)]
+
+
+def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_accuracy: float = 0.45,
+                 train_seconds_per_epoch: float = 10.0, train_size: int = 1000) -> dict:
+    framework, model, init = parse_variant(variant)
+    history = [
+        {"epoch": i + 1, "train_loss": 2.0 - 0.3 * i, "train_accuracy": acc - 0.05, "val_loss": 2.1 - 0.3 * i,
+         "val_accuracy": acc, "seconds": train_seconds_per_epoch,
+         "images_per_second": train_size / train_seconds_per_epoch}
+        for i, acc in enumerate(val_accuracies)
+    ]
+    correct = round(test_accuracy * 100)
+    matrix = [[0] * 10 for _ in range(10)]
+    for i in range(10):
+        matrix[i][i] = correct // 10 + (1 if i < correct % 10 else 0)
+        matrix[i][(i + 1) % 10] = 10 - matrix[i][i]
+    return {
+        "schema_version": 1, "variant": variant, "framework": framework, "model": model, "init": init,
+        "seed": seed,
+        "config": {"epochs": len(history), "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                   "image_size": 64},
+        "data": {"source": "synthetic", "train_size": train_size, "val_size": 100, "test_size": 100,
+                 "sha256": "a" * 64},
+        "weights": {"source": "standin" if init == "pretrained" else "none",
+                    "sha256": "b" * 64 if init == "pretrained" else None},
+        "history": history,
+        "test": {"loss": 1.5, "accuracy": correct / 100,
+                 "per_class_accuracy": {name: matrix[i][i] / 10 for i, name in enumerate(CLASS_NAMES)},
+                 "confusion_matrix": matrix},
+        "train_seconds": train_seconds_per_epoch * len(history),
+        "environment": {"device": "cpu", "device_name": "cpu", "framework_version": "test",
+                        "python_version": "3.11", "hostname": "test", "container": None},
+    }
+
+
+def write_metrics(root: Path, metrics: dict) -> Path:
+    path = root / "runs" / metrics["variant"] / f"seed{metrics['seed']}" / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics))
+    return path

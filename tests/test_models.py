@@ -1,0 +1,108 @@
+"""Model shapes and stand-in weights in both frameworks, each in its own process."""
+
+from __future__ import annotations
+
+import h5py
+import pytest
+
+from conftest import run_module, run_python
+
+TORCH_SHAPES = """
+import json, torch
+from cnnbench.torch_models import build_model
+out = {}
+for name in ("alexnet", "vgg16"):
+    model = build_model(name, num_classes=10).eval()
+    with torch.no_grad():
+        out[name] = list(model(torch.zeros(2, 3, 64, 64)).shape)
+    out[name + "_params"] = sum(p.numel() for p in model.parameters())
+print(json.dumps(out))
+"""
+
+KERAS_SHAPES = """
+import json, numpy as np, keras
+from cnnbench.keras_models import build_model
+out = {}
+for name in ("alexnet", "vgg16"):
+    model = build_model(name, 10, image_size=64, mean=[0.5] * 3, std=[0.25] * 3)
+    out[name] = list(model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).shape)
+    out[name + "_params"] = int(model.count_params())
+print(json.dumps(out))
+"""
+
+
+def test_torch_output_shapes():
+    out = run_python(TORCH_SHAPES)
+    assert out["alexnet"] == [2, 10] and out["vgg16"] == [2, 10]
+
+
+def test_keras_output_shapes_and_same_size_as_torch():
+    keras_out = run_python(KERAS_SHAPES)
+    torch_out = run_python(TORCH_SHAPES)
+    assert keras_out["alexnet"] == [2, 10] and keras_out["vgg16"] == [2, 10]
+    # Same architecture in both frameworks: the same number of parameters, layer for layer.
+    assert keras_out["alexnet_params"] == torch_out["alexnet_params"] == 57_044_810
+    assert keras_out["vgg16_params"] == torch_out["vgg16_params"]
+
+
+def test_keras_adaptive_pooling_follows_torch_bins():
+    out = run_python("""
+import json, numpy as np, keras
+from cnnbench.keras_models import AdaptiveAveragePooling
+x = np.arange(2 * 13 * 13 * 3, dtype="float32").reshape(2, 13, 13, 3)
+y = np.asarray(AdaptiveAveragePooling((6, 6))(x))
+up = np.asarray(AdaptiveAveragePooling((6, 6))(np.ones((1, 1, 1, 2), "float32") * 7))
+print(json.dumps({"y": y[0, :, :, 0].tolist(), "up": up.tolist()}))
+""")
+    # torch's bins over 13 -> 6: [0,3), [2,5), [4,7), [6,9), [8,11), [10,13)
+    import numpy as np
+
+    x = np.arange(2 * 13 * 13 * 3, dtype="float32").reshape(2, 13, 13, 3)[0, :, :, 0]
+    starts = [(i * 13) // 6 for i in range(6)]
+    ends = [-(-((i + 1) * 13) // 6) for i in range(6)]
+    expected = [[x[a:b, c:d].mean() for c, d in zip(starts, ends)] for a, b in zip(starts, ends)]
+    np.testing.assert_allclose(out["y"], expected, rtol=1e-6)
+    assert np.asarray(out["up"]).shape == (1, 6, 6, 2) and np.all(np.asarray(out["up"]) == 7)
+
+
+def test_torch_standin_weights_have_torchvision_layout(tmp_path):
+    out = tmp_path / "alexnet-owt-7be5be79.pth"
+    run_module("torch_models", "--model", "alexnet", "--out", out)
+    loaded = run_python(f"""
+import json, torch, torchvision
+from cnnbench.torch_models import build_model
+state = torch.load({str(out)!r}, weights_only=True)
+torchvision.models.alexnet().load_state_dict(state)  # strict: every key and shape matches
+model = build_model("alexnet", 10, weights={str(out)!r})
+same = torch.equal(model.features[0].weight, state["features.0.weight"])
+print(json.dumps({{"head": list(state["classifier.6.weight"].shape), "loaded": same}}))
+""")
+    assert loaded == {"head": [1000, 4096], "loaded": True}
+
+
+def test_keras_standin_weights_have_published_notop_layout(tmp_path):
+    out = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    run_module("keras_models", "--model", "vgg16", "--out", out)
+    with h5py.File(out) as handle:
+        layer_names = [n.decode() if isinstance(n, bytes) else n for n in handle.attrs["layer_names"]]
+        assert "block1_conv1" in layer_names and "block5_conv3" in layer_names
+        assert not any(name.startswith(("fc", "predictions")) for name in layer_names)  # no top
+    loaded = run_python(f"""
+import json, numpy as np, h5py
+from cnnbench.keras_models import build_model
+model = build_model("vgg16", 10, 64, [0.5] * 3, [0.25] * 3, weights={str(out)!r})
+kernel = model.get_layer("vgg16").get_layer("block1_conv1").kernel
+with h5py.File({str(out)!r}) as f:
+    group = f["block1_conv1"]
+    stored = np.asarray(group[group.attrs["weight_names"][0]])
+print(json.dumps({{"equal": bool(np.array_equal(np.asarray(kernel), stored))}}))
+""")
+    assert loaded == {"equal": True}
+
+
+def test_keras_alexnet_has_no_published_weights():
+    with pytest.raises(AssertionError, match="no published ImageNet weights"):
+        run_python("""
+from cnnbench.keras_models import build_model
+build_model("alexnet", 10, 64, [0.5] * 3, [0.25] * 3, weights="x.h5")
+""")

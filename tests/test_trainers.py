@@ -1,0 +1,73 @@
+"""Both trainers end to end on a tiny prepared dataset, each as its own process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cnnbench.fileio import file_digest
+from cnnbench.metrics import validate_metrics
+from conftest import DEFAULT_HPARAMS, run_module
+
+MODEL_SUFFIX = {"torch": "model.pt", "keras": "model.keras"}
+
+
+def train(framework, variant, data, run_dir, hparams=None, extra=(), check=True):
+    hp = {**DEFAULT_HPARAMS, **(hparams or {})}
+    return run_module(
+        f"{framework}_trainer", "--variant", variant, "--seed", 0, "--data", data, "--hparams", json.dumps(hp),
+        "--run-dir", run_dir, "--metrics", run_dir / "metrics.json", "--model-out", run_dir / MODEL_SUFFIX[framework],
+        *extra, check=check)
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path):
+    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path, {"epochs": 2})
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    validate_metrics(metrics)
+    assert metrics["variant"] == f"{framework}-alexnet-scratch" and metrics["framework"] == framework
+    assert [epoch["epoch"] for epoch in metrics["history"]] == [1, 2]
+    assert metrics["data"] == {"source": "synthetic", "train_size": 40, "val_size": 20, "test_size": 30,
+                               "sha256": file_digest(tiny_dataset)}
+    assert metrics["weights"] == {"source": "none", "sha256": None}
+    assert metrics["config"]["epochs"] == 2 and metrics["config"]["image_size"] == 64
+    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
+    assert metrics["environment"]["device"] == "cpu" and metrics["environment"]["container"] is None
+    if framework == "keras":
+        assert metrics["environment"]["keras_backend"] == "tensorflow"
+    assert (tmp_path / MODEL_SUFFIX[framework]).stat().st_size > 1_000_000
+    assert not (tmp_path / "checkpoint").exists()  # dropped once the run is complete
+    assert "epoch 2/2" in result.stderr and "img/s" in result.stderr  # progress in the log
+
+
+@pytest.mark.parametrize("framework, model, weights_name", [
+    ("torch", "alexnet", "alexnet-owt-7be5be79.pth"),
+    ("keras", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+])
+def test_pretrained_training_records_the_weights(framework, model, weights_name, tiny_dataset, tmp_path):
+    weights = tmp_path / weights_name
+    run_module(f"{framework}_models", "--model", model, "--out", weights)
+    train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path / "run",
+          extra=("--weights", weights, "--weights-source", "standin"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["weights"] == {"source": "standin", "sha256": file_digest(weights)}
+    assert metrics["init"] == "pretrained"
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_require_gpu_fails_fast_without_one(framework, tiny_dataset, tmp_path):
+    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path, {"require_gpu": True},
+                   check=False)
+    assert result.returncode == 1
+    assert "require_gpu is true" in result.stderr and "set require_gpu: false" in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_missing_weights_file_is_named(framework, tiny_dataset, tmp_path):
+    model = "alexnet" if framework == "torch" else "vgg16"
+    result = train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path, check=False,
+                   extra=("--weights", tmp_path / "absent.pth", "--weights-source", "imagenet"))
+    assert result.returncode == 2
+    assert "absent.pth does not exist" in result.stderr and "weights: standin" in result.stderr
