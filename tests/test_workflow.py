@@ -1,0 +1,80 @@
+"""The demo workflow end to end in a temporary directory, and a target-file rerun."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cnnbench.metrics import load_metrics
+from conftest import REPO
+
+DEMO_VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
+                 "keras-vgg16-pretrained"]
+MODEL_FILE = {"torch": "model.pt", "keras": "model.keras"}
+
+
+def snakemake(workdir: Path, *args, configfile: Path = REPO / "config" / "demo.yaml"):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(configfile), "--cores", "2", *args],
+        capture_output=True, text=True, env=env, timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: rule name -> number of jobs."""
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    output = snakemake(workdir)
+    return workdir, output
+
+
+def test_demo_produces_every_output(demo_run):
+    workdir, output = demo_run
+    results = workdir / "results"
+    for variant in DEMO_VARIANTS:
+        run = results / "runs" / variant / "seed0"
+        metrics = load_metrics(run / "metrics.json")  # validates against the schema
+        assert metrics["variant"] == variant and len(metrics["history"]) == 2
+        assert metrics["config"]["image_size"] == 64 and metrics["data"]["source"] == "synthetic"
+        expected_weights = "standin" if variant.endswith("pretrained") else "none"
+        assert metrics["weights"]["source"] == expected_weights
+        assert (run / MODEL_FILE[metrics["framework"]]).exists()
+        assert "epoch 2/2" in (run / "train.log").read_text()
+    table = pd.read_csv(results / "summary.csv")
+    assert sorted(table["variant"]) == sorted(DEMO_VARIANTS)
+    assert table["test_accuracy"].between(0, 1).all() and (table["train_seconds"] > 0).all()
+    assert "keras-vgg16-pretrained" in (results / "summary.md").read_text()
+    assert (results / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert job_counts(output) == {"prepare_data": 1, "standin_weights_torch": 1, "standin_weights_keras": 1,
+                                  "train_torch": 2, "train_keras": 2, "summarize": 1, "all": 1}
+
+
+def test_missing_metrics_reruns_that_training_alone(demo_run):
+    workdir, _ = demo_run
+    runs = workdir / "results" / "runs"
+    target = runs / "torch-alexnet-scratch" / "seed0" / "metrics.json"
+    others = {v: (runs / v / "seed0" / "metrics.json").stat().st_mtime_ns for v in DEMO_VARIANTS[1:]}
+    target.unlink()
+
+    output = snakemake(workdir, str(target.relative_to(workdir)))
+    assert job_counts(output) == {"train_torch": 1}
+    assert load_metrics(target)["variant"] == "torch-alexnet-scratch"
+    assert {v: (runs / v / "seed0" / "metrics.json").stat().st_mtime_ns for v in others} == others
+
+    # Asking for everything again only re-aggregates: nothing else trains.
+    output = snakemake(workdir)
+    assert job_counts(output) == {"summarize": 1, "all": 1}
