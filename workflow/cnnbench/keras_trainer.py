@@ -59,6 +59,16 @@ def evaluate(model, x, y, hp):
     return log_softmax_loss(logits, y), float((predictions == y).mean()), predictions
 
 
+def reseed_dropout(model, seed: int) -> None:
+    """Start each epoch's dropout streams from ``seed``, so a resumed epoch draws the same masks.
+
+    Keras saves its seed generators' state with the model but does not restore it on load.
+    """
+    states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    for index, state in enumerate(states):
+        state.assign(np.asarray([(seed + 7919 * index) % 2**31, 0], dtype=state.dtype))
+
+
 class Checkpoint:
     """``epoch{N}.keras`` (model + optimizer state) and ``state.json``, the commit point."""
 
@@ -129,7 +139,9 @@ def run(args: training.RunArgs, backend: str) -> dict:
 
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
-            order = np.random.default_rng(training.epoch_seed(args.seed, epoch)).permutation(len(y_train))
+            seed = training.epoch_seed(args.seed, epoch)
+            order = np.random.default_rng(seed).permutation(len(y_train))
+            reseed_dropout(model, seed)
             with training.progress(len(y_train), f"epoch {epoch}/{hp['epochs']}") as bar, training.Timer() as timer:
                 fit = model.fit(x_train[order], y_train[order], batch_size=hp["batch_size"], epochs=1,
                                 shuffle=False, verbose=0, callbacks=[Progress(bar)])
