@@ -132,7 +132,7 @@ def out_of_memory(*args, **kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 torch_trainer.train_one_epoch = out_of_memory
 args = training.parse_args("torch", ["--variant", "torch-alexnet-scratch", "--seed", "0", "--data",
-    {str(tiny_dataset)!r}, "--hparams", json.dumps({json.dumps({**DEFAULT_HPARAMS, "batch_size": 48})}),
+    {str(tiny_dataset)!r}, "--hparams", {json.dumps({**DEFAULT_HPARAMS, "batch_size": 48})!r},
     "--run-dir", {str(tmp_path)!r}, "--metrics", {str(tmp_path / "m.json")!r}, "--model-out", {str(tmp_path / "m.pt")!r}])
 try:
     torch_trainer.run(args)
