@@ -67,7 +67,7 @@ print(json.dumps({"y": y[0, :, :, 0].tolist(), "up": up.tolist()}))
 
 def test_torch_standin_weights_have_torchvision_layout(tmp_path):
     out = tmp_path / "alexnet-owt-7be5be79.pth"
-    run_module("torch_models", "--model", "alexnet", "--out", out)
+    run_module("torch_models", "standin", "--model", "alexnet", "--out", out)
     loaded = run_python(f"""
 import json, torch, torchvision
 from cnnbench.torch_models import build_model
@@ -82,7 +82,7 @@ print(json.dumps({{"head": list(state["classifier.6.weight"].shape), "loaded": s
 
 def test_keras_standin_weights_have_published_notop_layout(tmp_path):
     out = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    run_module("keras_models", "--model", "vgg16", "--out", out)
+    run_module("keras_models", "standin", "--model", "vgg16", "--out", out)
     with h5py.File(out) as handle:
         layer_names = [n.decode() if isinstance(n, bytes) else n for n in handle.attrs["layer_names"]]
         assert "block1_conv1" in layer_names and "block5_conv3" in layer_names

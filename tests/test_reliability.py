@@ -144,7 +144,7 @@ except training.TrainingError as err:
 
 def test_imagenet_weights_with_wrong_hash_are_refused(tiny_dataset, tmp_path):
     weights = tmp_path / "alexnet-owt-7be5be79.pth"
-    run_module("torch_models", "--model", "alexnet", "--out", weights)  # right format, wrong bytes
+    run_module("torch_models", "standin", "--model", "alexnet", "--out", weights)  # right format, wrong bytes
     result = train("torch", "torch-alexnet-pretrained", tiny_dataset, tmp_path / "run", check=False,
                    extra=("--weights", weights, "--weights-source", "imagenet"))
     assert result.returncode == 1

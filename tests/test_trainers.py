@@ -47,7 +47,7 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
 ])
 def test_pretrained_training_records_the_weights(framework, model, weights_name, tiny_dataset, tmp_path):
     weights = tmp_path / weights_name
-    run_module(f"{framework}_models", "--model", model, "--out", weights)
+    run_module(f"{framework}_models", "standin", "--model", model, "--out", weights)
     train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path / "run",
           extra=("--weights", weights, "--weights-source", "standin"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

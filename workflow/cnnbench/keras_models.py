@@ -132,22 +132,54 @@ def classifier(x, num_classes: int, dropout: float, model: str):
 def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout: float = 0.5,
                 input_shape=(32, 32, 3), weights: str | Path | None = None) -> keras.Model:
     """The ``name`` network on uint8 ``input_shape`` images, with ``weights`` loaded where given."""
+    weights = Path(weights) if weights is not None else None
+    ported = weights is not None and weights.suffix == ".npz"
     inputs = keras.Input(input_shape, dtype="uint8", name="images")
     x = preprocessing(inputs, image_size, mean, std)
     if name == "alexnet":
-        if weights is not None:
-            raise ValueError("Keras AlexNet has no published ImageNet weights to load")
+        if weights is not None and not ported:
+            raise ValueError("Keras AlexNet has no published ImageNet weights: port torchvision's "
+                             "(python -m cnnbench.torch_models port) and pass the .npz")
         x = alexnet_features(x)
     elif name == "vgg16":
         base = vgg16_base((image_size, image_size, 3))
-        if weights is not None:
-            base.load_weights(str(weights))
+        if weights is not None and not ported:
+            base.load_weights(str(weights))  # the published Keras notop file (legacy HDF5)
         x = base(x)
         x = AdaptiveAveragePooling((7, 7), name="avgpool")(x)
     else:
         raise ValueError(f"unknown model {name!r}; use alexnet or vgg16")
     outputs = classifier(x, num_classes, dropout, name)
-    return keras.Model(inputs, outputs, name=f"{name}_cifar")
+    model = keras.Model(inputs, outputs, name=f"{name}_cifar")
+    if ported:
+        load_ported_weights(model, weights, include_head=(num_classes == 1000))
+    return model
+
+
+def _layers_by_name(model) -> dict:
+    found = {}
+    for layer in model.layers:
+        found[layer.name] = layer
+        if isinstance(layer, keras.Model):
+            found.update(_layers_by_name(layer))
+    return found
+
+
+def load_ported_weights(model: keras.Model, path: str | Path, include_head: bool = False) -> None:
+    """Assign weights ported from torchvision (``port.torch_to_keras``) to layers of the same name.
+
+    The 1000-class ImageNet head is skipped unless ``include_head`` (fine-tuning gets a new head).
+    """
+    import numpy as np
+
+    layers_by_name = _layers_by_name(model)
+    with np.load(path) as arrays:
+        names = sorted({key.split("/")[0] for key in arrays.files})
+        for name in names:
+            if name == "head" and not include_head:
+                continue
+            layer = layers_by_name[name]
+            layer.set_weights([arrays[f"{name}/kernel"], arrays[f"{name}/bias"]])
 
 
 @keras.saving.register_keras_serializable(package="cnnbench")
@@ -194,9 +226,11 @@ def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write stand-in (random) weights in Keras' published format.")
-    parser.add_argument("--model", required=True, choices=["vgg16"])
-    parser.add_argument("--out", required=True, type=Path)
+    parser = argparse.ArgumentParser(description="Stand-in weights in Keras' published format.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    standin = commands.add_parser("standin", help="write random VGG16 notop weights in the published HDF5 layout")
+    standin.add_argument("--model", required=True, choices=["vgg16"])
+    standin.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     write_standin_weights(args.model, args.out)
     print(f"wrote stand-in {args.model} weights to {args.out}")

@@ -38,13 +38,35 @@ def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
         torch.save(state, tmp)
 
 
+def port_to_keras(name: str, weights: str | Path, out: str | Path) -> None:
+    """Write torchvision ``weights`` in the Keras models' layout (see ``port``), as an .npz."""
+    import numpy as np
+
+    from .port import torch_to_keras
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    ported = torch_to_keras(name, {key: value.numpy() for key, value in state.items()})
+    with atomic_path(out) as tmp:
+        np.savez(tmp, **ported)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write stand-in (random) weights in torchvision's format.")
-    parser.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
-    parser.add_argument("--out", required=True, type=Path)
+    parser = argparse.ArgumentParser(description="Stand-in weights in torchvision's format; porting to Keras.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    standin = commands.add_parser("standin", help="write random weights in torchvision's file format")
+    standin.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
+    standin.add_argument("--out", required=True, type=Path)
+    port = commands.add_parser("port", help="convert a torchvision .pth into the Keras models' layout (.npz)")
+    port.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
+    port.add_argument("--weights", required=True, type=Path)
+    port.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    write_standin_weights(args.model, args.out)
-    print(f"wrote stand-in {args.model} weights to {args.out}")
+    if args.command == "standin":
+        write_standin_weights(args.model, args.out)
+        print(f"wrote stand-in {args.model} weights to {args.out}")
+    else:
+        port_to_keras(args.model, args.weights, args.out)
+        print(f"ported {args.weights} to {args.out}")
     return 0
 
 

@@ -28,7 +28,7 @@ rule standin_weights_torch:
     container:
         TORCH_IMAGE
     shell:
-        "python -m cnnbench.torch_models --model {params.model} --out {output} > {log} 2>&1"
+        "python -m cnnbench.torch_models standin --model {params.model} --out {output} > {log} 2>&1"
 
 
 rule standin_weights_keras:
@@ -44,4 +44,4 @@ rule standin_weights_keras:
     container:
         KERAS_IMAGE
     shell:
-        "KERAS_BACKEND={params.backend} python -m cnnbench.keras_models --model {params.model} --out {output} > {log} 2>&1"
+        "KERAS_BACKEND={params.backend} python -m cnnbench.keras_models standin --model {params.model} --out {output} > {log} 2>&1"

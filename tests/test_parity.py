@@ -1,0 +1,62 @@
+"""With identical weights, both frameworks' models give the same logits for the same images.
+
+The torchvision weights are ported to Keras (cnnbench.port); each framework runs in its own
+process; inputs go through each framework's own device-side preprocessing (uint8 -> resize ->
+normalise), so the whole path from the prepared images to the logits is compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import run_module, run_python
+
+MAX_ABS_DIFF = 1e-4
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.mark.parametrize("model, image_size", [("alexnet", 224), ("alexnet", 96), ("vgg16", 224), ("vgg16", 64)])
+def test_same_weights_same_logits(model, image_size, tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    pth, npz = tmp_path / f"{model}.pth", tmp_path / f"{model}.keras.npz"
+    run_module("torch_models", "standin", "--model", model, "--out", pth)
+    run_module("torch_models", "port", "--model", model, "--weights", pth, "--out", npz)
+
+    run_python(f"""
+import json, numpy as np, torch, torchvision
+from cnnbench.torch_trainer import Preprocess
+model = getattr(torchvision.models, {model!r})()
+model.load_state_dict(torch.load({str(pth)!r}, weights_only=True))
+model.eval()
+images = torch.from_numpy(np.load({str(tmp_path / "images.npy")!r}))
+with torch.no_grad():
+    logits = model(Preprocess({image_size}, {MEAN}, {STD}, torch.device("cpu"))(images))
+np.save({str(tmp_path / "torch.npy")!r}, logits.numpy())
+print(json.dumps({{}}))
+""")
+    run_python(f"""
+import json, numpy as np
+from cnnbench.keras_models import build_model
+model = build_model({model!r}, 1000, {image_size}, {MEAN}, {STD}, weights={str(npz)!r})
+logits = model.predict(np.load({str(tmp_path / "images.npy")!r}), verbose=0)
+np.save({str(tmp_path / "keras.npy")!r}, logits)
+print(json.dumps({{}}))
+""")
+    torch_logits, keras_logits = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "keras.npy")
+    assert torch_logits.shape == keras_logits.shape == (4, 1000)
+    difference = np.abs(torch_logits - keras_logits).max()
+    print(f"{model} at {image_size}: max |logit difference| {difference:.2e} "
+          f"(logits up to {np.abs(torch_logits).max():.2e})")
+    assert difference < MAX_ABS_DIFF
+    assert np.abs(torch_logits).max() > 100 * MAX_ABS_DIFF  # the comparison is not between zeros
+
+
+def test_port_rejects_a_foreign_state_dict(tmp_path):
+    pth = tmp_path / "alexnet.pth"
+    run_module("torch_models", "standin", "--model", "alexnet", "--out", pth)
+    result = run_module("torch_models", "port", "--model", "vgg16", "--weights", pth, "--out", tmp_path / "x.npz",
+                        check=False)
+    assert result.returncode != 0 and "not a torchvision vgg16 state_dict" in result.stderr
+    assert not (tmp_path / "x.npz").exists()
