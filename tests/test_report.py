@@ -1,4 +1,4 @@
-"""Aggregation of hand-made metrics files into the summary table, markdown and plot."""
+"""Aggregation of hand-made metrics files: tables, statistics over seeds, paired differences, plots."""
 
 from __future__ import annotations
 
@@ -21,17 +21,31 @@ def metrics_files(tmp_path):
     ]
 
 
+@pytest.fixture
+def seeded_files(tmp_path):
+    """Three seeds of a pretrained/scratch pair and a torch/keras pair, with known numbers."""
+    files = []
+    for seed, (scratch, pretrained, keras_scratch) in enumerate([(0.40, 0.60, 0.30), (0.50, 0.65, 0.45),
+                                                                 (0.60, 0.85, 0.45)]):
+        files.append(write_metrics(tmp_path, make_metrics("torch-alexnet-scratch", seed, test_accuracy=scratch,
+                                                          train_seconds_per_epoch=10 + seed)))
+        files.append(write_metrics(tmp_path, make_metrics("torch-alexnet-pretrained", seed,
+                                                          test_accuracy=pretrained)))
+        files.append(write_metrics(tmp_path, make_metrics("keras-alexnet-scratch", seed,
+                                                          test_accuracy=keras_scratch)))
+    return files
+
+
 def run_report(tmp_path, files):
-    outputs = {"csv": tmp_path / "out" / "summary.csv", "markdown": tmp_path / "out" / "summary.md",
-               "plot": tmp_path / "out" / "learning_curves.png"}
-    code = report.main([*map(str, files), *[arg for k, v in outputs.items() for arg in (f"--{k}", str(v))]])
-    return code, outputs
+    out_dir = tmp_path / "out"
+    code = report.main([*map(str, files), "--out-dir", str(out_dir)])
+    return code, out_dir
 
 
-def test_summary_values(tmp_path, metrics_files):
+def test_per_run_table(tmp_path, metrics_files):
     code, out = run_report(tmp_path, metrics_files)
     assert code == 0
-    table = pd.read_csv(out["csv"])
+    table = pd.read_csv(out / "summary.csv")
     assert list(table["variant"]) == ["keras-vgg16-pretrained", "torch-alexnet-scratch", "torch-vgg16-scratch"]
     row = table.set_index("variant").loc["torch-alexnet-scratch"]
     assert row["epochs"] == 3
@@ -42,36 +56,69 @@ def test_summary_values(tmp_path, metrics_files):
     assert row["reference_test_accuracy"] == pytest.approx(0.8278)
     assert row["reference_train_seconds"] == pytest.approx(438.89)
     assert pd.isna(table.set_index("variant").loc["torch-vgg16-scratch", "reference_test_accuracy"])
+    # One seed: no interval, and no pair of variants answers a question here.
+    stats = pd.read_csv(out / "variant_stats.csv").set_index("variant")
+    assert stats.loc["torch-alexnet-scratch", "seeds"] == 1
+    assert pd.isna(stats.loc["torch-alexnet-scratch", "test_accuracy_ci_low"])
+    assert len(pd.read_csv(out / "paired_differences.csv")) == 0
 
 
-def test_markdown_and_plot(tmp_path, metrics_files):
+def test_statistics_over_seeds(tmp_path, seeded_files):
+    code, out = run_report(tmp_path, seeded_files)
+    assert code == 0
+    stats = pd.read_csv(out / "variant_stats.csv").set_index("variant")
+    scratch = stats.loc["torch-alexnet-scratch"]
+    assert scratch["seeds"] == 3
+    assert scratch["test_accuracy_mean"] == pytest.approx(0.5)
+    assert scratch["test_accuracy_std"] == pytest.approx(0.1)
+    half_width = 4.302652729749464 * 0.1 / 3 ** 0.5  # t(0.975, df=2)
+    assert scratch["test_accuracy_ci_low"] == pytest.approx(0.5 - half_width)
+    assert scratch["test_accuracy_ci_high"] == pytest.approx(0.5 + half_width)
+    assert scratch["train_seconds_mean"] == pytest.approx(2 * 11)
+
+    differences = pd.read_csv(out / "paired_differences.csv").set_index("comparison")
+    assert set(differences.index) == {"pretrained - scratch (torch alexnet)", "torch - keras (alexnet scratch)"}
+    gain = differences.loc["pretrained - scratch (torch alexnet)"]
+    assert (gain["a"], gain["b"], gain["paired_seeds"]) == ("torch-alexnet-pretrained", "torch-alexnet-scratch", 3)
+    assert gain["test_accuracy_diff_mean"] == pytest.approx((0.2 + 0.15 + 0.25) / 3)
+    assert gain["test_accuracy_diff_std"] == pytest.approx(0.05)
+    framework = differences.loc["torch - keras (alexnet scratch)"]
+    assert framework["test_accuracy_diff_mean"] == pytest.approx((0.1 + 0.05 + 0.15) / 3)
+
+    markdown = (out / "summary.md").read_text()
+    assert "## Per variant" in markdown and "## Paired differences" in markdown and "## Per run" in markdown
+    assert f"0.5 [{0.5 - half_width:.4g}, {0.5 + half_width:.4g}]" in markdown
+
+
+def test_markdown_and_plots(tmp_path, metrics_files):
     _, out = run_report(tmp_path, metrics_files)
-    markdown = out["markdown"].read_text()
+    markdown = (out / "summary.md").read_text()
     assert "| keras-vgg16-pretrained" in markdown and "0.8796" in markdown and "377.2" in markdown
     for header in ("variant", "epochs", "best val acc", "test acc", "train s", "images/s", "device",
                    "reference test acc", "reference train s"):
         assert header in markdown
-    png = out["plot"].read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
 
 
-def test_plot_has_one_labelled_line_per_run(tmp_path, metrics_files, monkeypatch):
+def test_learning_curves_have_one_labelled_line_per_variant_and_bands(tmp_path, seeded_files, monkeypatch):
     import matplotlib.pyplot as plt
 
-    captured = {}
+    figures = []
     original = plt.Figure.savefig
 
     def spy(fig, *args, **kwargs):
-        captured["axes"] = fig.axes
+        figures.append(fig)
         return original(fig, *args, **kwargs)
 
     monkeypatch.setattr(plt.Figure, "savefig", spy)
-    run_report(tmp_path, metrics_files)
-    train_ax, val_ax = captured["axes"]
-    labels = [line.get_label() for line in val_ax.get_lines()]
-    assert labels == ["keras-vgg16-pretrained (seed 0)", "torch-alexnet-scratch (seed 0)",
-                      "torch-vgg16-scratch (seed 0)"]
-    assert [len(line.get_xdata()) for line in train_ax.get_lines()] == [2, 3, 2]
+    run_report(tmp_path, seeded_files)
+    train_ax, val_ax = figures[0].axes
+    assert [line.get_label() for line in val_ax.get_lines()] == [
+        "keras-alexnet-scratch (3 seeds)", "torch-alexnet-pretrained (3 seeds)", "torch-alexnet-scratch (3 seeds)"]
+    assert len(val_ax.collections) == 3  # one spread band per variant
+    assert len(figures[2].axes) == 3  # a confusion matrix per variant
 
 
 def test_bad_metrics_file_writes_nothing(tmp_path, metrics_files, capsys):
@@ -81,4 +128,4 @@ def test_bad_metrics_file_writes_nothing(tmp_path, metrics_files, capsys):
     code, out = run_report(tmp_path, metrics_files)
     assert code == 1
     assert "'test' is a required property" in capsys.readouterr().err
-    assert not any(path.exists() for path in out.values())
+    assert not out.exists()

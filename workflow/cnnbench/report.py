@@ -1,4 +1,10 @@
-"""Aggregate metrics.json files into summary.csv, summary.md and learning_curves.png."""
+"""Aggregate metrics.json files: per-run and per-variant tables, paired differences, plots.
+
+Writes into ``--out-dir``: summary.csv (one row per run), variant_stats.csv (per variant over
+seeds: mean, standard deviation, 95% t-interval of test accuracy and training time),
+paired_differences.csv (the report's questions, paired by seed), summary.md (all three tables),
+learning_curves.png, per_class_accuracy.png and confusion_matrices.png.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .fileio import atomic_path, write_text_atomic
@@ -18,8 +25,12 @@ REFERENCE = {
     "torch-alexnet-pretrained": (0.8611, 473.11),
     "keras-vgg16-pretrained": (0.8796, 377.25),
 }
-COLUMNS = ["variant", "seed", "epochs", "best_val_accuracy", "test_accuracy", "train_seconds",
-           "images_per_second", "device", "weights", "data", "reference_test_accuracy", "reference_train_seconds"]
+RUN_COLUMNS = ["variant", "seed", "epochs", "best_val_accuracy", "test_accuracy", "train_seconds",
+               "images_per_second", "device", "weights", "data", "reference_test_accuracy",
+               "reference_train_seconds"]
+OUTPUTS = ("summary.csv", "variant_stats.csv", "paired_differences.csv", "summary.md",
+           "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png")
+CONFIDENCE = 0.95
 
 
 def summary_row(metrics: dict) -> dict:
@@ -44,65 +55,228 @@ def summary_row(metrics: dict) -> dict:
 
 def summarize(metrics_list: list[dict]) -> pd.DataFrame:
     rows = [summary_row(m) for m in metrics_list]
-    return pd.DataFrame(rows, columns=COLUMNS).sort_values(["variant", "seed"], ignore_index=True)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["variant", "seed"], ignore_index=True)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    shown = table.drop(columns=["weights", "data"]).rename(columns={
+def mean_interval(values) -> dict:
+    """Mean, sample standard deviation and two-sided t-interval (NaN where n < 2)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    mean = values.mean()
+    std = values.std(ddof=1) if n > 1 else np.nan
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * std / np.sqrt(n) if n > 1 else np.nan
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def variant_stats(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for variant, group in runs.groupby("variant", sort=True):
+        row = {"variant": variant, "seeds": len(group)}
+        for column in ("test_accuracy", "train_seconds"):
+            stats = mean_interval(group[column])
+            row.update({f"{column}_{k}": v for k, v in stats.items() if k != "n"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparisons(variants: set[str]) -> list[tuple[str, str, str]]:
+    """(question, minuend, subtrahend) for every pair of configured variants that answers one."""
+    pairs = []
+    for framework in ("torch", "keras"):
+        for model in ("alexnet", "vgg16"):
+            pairs.append((f"pretrained - scratch ({framework} {model})",
+                          f"{framework}-{model}-pretrained", f"{framework}-{model}-scratch"))
+    for model in ("alexnet", "vgg16"):
+        for init in ("scratch", "pretrained"):
+            pairs.append((f"torch - keras ({model} {init})", f"torch-{model}-{init}", f"keras-{model}-{init}"))
+    return [pair for pair in pairs if pair[1] in variants and pair[2] in variants]
+
+
+def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
+    """Differences between two variants over the seeds both ran (paired by seed)."""
+    rows = []
+    for question, first, second in comparisons(set(runs["variant"])):
+        paired = runs[runs.variant == first].merge(runs[runs.variant == second], on="seed", suffixes=("_a", "_b"))
+        if paired.empty:
+            continue
+        row = {"comparison": question, "a": first, "b": second, "paired_seeds": len(paired)}
+        for column in ("test_accuracy", "train_seconds"):
+            stats = mean_interval(paired[f"{column}_a"] - paired[f"{column}_b"])
+            row.update({f"{column}_diff_{k}": v for k, v in stats.items() if k != "n"})
+        rows.append(row)
+    columns = ["comparison", "a", "b", "paired_seeds"] + [
+        f"{c}_diff_{k}" for c in ("test_accuracy", "train_seconds") for k in ("mean", "std", "ci_low", "ci_high")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _interval(mean, low, high, digits=4) -> str:
+    if pd.isna(low):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
+
+
+def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame) -> str:
+    per_variant = pd.DataFrame({
+        "variant": stats["variant"],
+        "seeds": stats["seeds"],
+        "test acc, mean [95% CI]": [_interval(r.test_accuracy_mean, r.test_accuracy_ci_low, r.test_accuracy_ci_high)
+                                    for r in stats.itertuples()],
+        "test acc std": stats["test_accuracy_std"],
+        "train s, mean [95% CI]": [_interval(r.train_seconds_mean, r.train_seconds_ci_low, r.train_seconds_ci_high)
+                                   for r in stats.itertuples()],
+        "reference test acc": [REFERENCE.get(v, (None, None))[0] for v in stats["variant"]],
+        "reference train s": [REFERENCE.get(v, (None, None))[1] for v in stats["variant"]],
+    })
+    paired = pd.DataFrame({
+        "comparison": differences["comparison"],
+        "paired seeds": differences["paired_seeds"],
+        "test acc difference [95% CI]": [
+            _interval(r.test_accuracy_diff_mean, r.test_accuracy_diff_ci_low, r.test_accuracy_diff_ci_high)
+            for r in differences.itertuples()],
+        "train s difference [95% CI]": [
+            _interval(r.train_seconds_diff_mean, r.train_seconds_diff_ci_low, r.train_seconds_diff_ci_high)
+            for r in differences.itertuples()],
+    })
+    shown = runs.drop(columns=["weights", "data"]).rename(columns={
         "best_val_accuracy": "best val acc", "test_accuracy": "test acc", "train_seconds": "train s",
         "images_per_second": "images/s", "reference_test_accuracy": "reference test acc",
         "reference_train_seconds": "reference train s",
     })
-    sources = ", ".join(sorted(set(table["data"])))
-    weights = ", ".join(sorted(set(table["weights"])))
-    note = (f"Data: {sources}. Pretrained weights: {weights}. Reference: the original report "
-            "(A100, 10 epochs, batch 64; it validated Keras runs on the test set).\n")
-    return "# Results\n\n" + shown.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n\n" + note
+    sources = ", ".join(sorted(set(runs["data"])))
+    weights = ", ".join(sorted(set(runs["weights"])))
+    table = lambda frame: frame.to_markdown(index=False, floatfmt=".4g", missingval="")  # noqa: E731
+    return (
+        "# Results\n\n"
+        f"Data: {sources}. Pretrained weights: {weights}. Intervals are two-sided {CONFIDENCE:.0%} "
+        "t-intervals over seeds (none with a single seed). Reference: the original report (A100, 10 "
+        "epochs, batch 64, one seed; it validated Keras runs on the test set).\n\n"
+        "## Per variant\n\n" + table(per_variant) + "\n\n"
+        "## Paired differences (same seeds)\n\n"
+        + (table(paired) if len(paired) else "No pair of configured variants answers a comparison.") + "\n\n"
+        "## Per run\n\n" + table(shown) + "\n"
+    )
 
 
-def plot_learning_curves(metrics_list: list[dict], out: str | Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    return plt
+
+
+def _save(fig, out: Path) -> None:
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+
+
+def _by_variant(metrics_list):
+    grouped: dict[str, list[dict]] = {}
     for metrics in sorted(metrics_list, key=lambda m: (m["variant"], m["seed"])):
-        label = f"{metrics['variant']} (seed {metrics['seed']})"
-        epochs = [e["epoch"] for e in metrics["history"]]
-        line, = ax_train.plot(epochs, [e["train_accuracy"] for e in metrics["history"]], marker="o", label=label)
-        ax_val.plot(epochs, [e["val_accuracy"] for e in metrics["history"]], marker="o", label=label,
-                    color=line.get_color())
-    for ax, title in ((ax_train, "train accuracy"), (ax_val, "validation accuracy")):
+        grouped.setdefault(metrics["variant"], []).append(metrics)
+    return grouped
+
+
+def plot_learning_curves(metrics_list: list[dict], out: Path) -> None:
+    """Train and validation accuracy per epoch: mean over seeds, with a +-1 std band."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for variant, runs in _by_variant(metrics_list).items():
+        label = f"{variant} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        color = None
+        for ax, key in zip(axes, ("train_accuracy", "val_accuracy")):
+            epochs = min(len(r["history"]) for r in runs)
+            values = np.array([[e[key] for e in r["history"][:epochs]] for r in runs])
+            x = np.arange(1, epochs + 1)
+            line, = ax.plot(x, values.mean(0), marker="o", label=label, color=color)
+            color = line.get_color()
+            if len(runs) > 1:
+                ax.fill_between(x, values.mean(0) - values.std(0, ddof=1), values.mean(0) + values.std(0, ddof=1),
+                                color=color, alpha=0.2)
+    for ax, title in zip(axes, ("train accuracy", "validation accuracy")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    ax_train.set_ylabel("accuracy")
-    ax_val.legend(fontsize="small", loc="best")
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize="small", loc="best")
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
+
+
+def plot_per_class_accuracy(metrics_list: list[dict], out: Path) -> None:
+    """Test accuracy per class and variant: mean over seeds, error bars of one std."""
+    plt = _pyplot()
+    grouped = _by_variant(metrics_list)
+    classes = list(next(iter(grouped.values()))[0]["test"]["per_class_accuracy"])
+    fig, ax = plt.subplots(figsize=(max(8, len(classes) * 1.1), 4.5))
+    width = 0.8 / len(grouped)
+    for index, (variant, runs) in enumerate(grouped.items()):
+        values = np.array([[r["test"]["per_class_accuracy"][c] for c in classes] for r in runs])
+        errors = values.std(0, ddof=1) if len(runs) > 1 else None
+        ax.bar(np.arange(len(classes)) + index * width - 0.4 + width / 2, values.mean(0), width, yerr=errors,
+               label=variant, capsize=2)
+    ax.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def plot_confusion_matrices(metrics_list: list[dict], out: Path) -> None:
+    """Row-normalised test confusion matrix per variant, summed over seeds."""
+    plt = _pyplot()
+    grouped = _by_variant(metrics_list)
+    columns = min(4, len(grouped))
+    rows = -(-len(grouped) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.0 * rows), squeeze=False)
+    for ax in axes.flat[len(grouped):]:
+        ax.axis("off")
+    for ax, (variant, runs) in zip(axes.flat, grouped.items()):
+        matrix = np.sum([np.asarray(r["test"]["confusion_matrix"]) for r in runs], axis=0).astype(float)
+        matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
+        classes = list(runs[0]["test"]["per_class_accuracy"])
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
+        ax.set_title(f"{variant} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", fontsize="small")
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize="x-small")
+        ax.set_yticks(range(len(classes)), classes, fontsize="x-small")
+        ax.set_xlabel("predicted", fontsize="small")
+        ax.set_ylabel("true", fontsize="small")
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def write_report(metrics_list: list[dict], out_dir: Path) -> pd.DataFrame:
+    runs = summarize(metrics_list)
+    stats = variant_stats(runs)
+    differences = paired_differences(runs)
+    for frame, name in ((runs, "summary.csv"), (stats, "variant_stats.csv"), (differences, "paired_differences.csv")):
+        with atomic_path(out_dir / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    write_text_atomic(out_dir / "summary.md", to_markdown(runs, stats, differences))
+    plot_learning_curves(metrics_list, out_dir / "learning_curves.png")
+    plot_per_class_accuracy(metrics_list, out_dir / "per_class_accuracy.png")
+    plot_confusion_matrices(metrics_list, out_dir / "confusion_matrices.png")
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json files")
-    parser.add_argument("--csv", required=True, type=Path)
-    parser.add_argument("--markdown", required=True, type=Path)
-    parser.add_argument("--plot", required=True, type=Path)
+    parser.add_argument("--out-dir", required=True, type=Path, help=f"where to write {', '.join(OUTPUTS)}")
     args = parser.parse_args(argv)
     try:
         metrics_list = [load_metrics(path) for path in args.metrics]
     except (MetricsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    table = summarize(metrics_list)
-    with atomic_path(args.csv) as tmp:
-        table.to_csv(tmp, index=False)
-    write_text_atomic(args.markdown, to_markdown(table))
-    plot_learning_curves(metrics_list, args.plot)
-    print(to_markdown(table))
+    write_report(metrics_list, args.out_dir)
+    print((args.out_dir / "summary.md").read_text())
     return 0
 
 

@@ -26,7 +26,7 @@ from .config import ConfigError, parse_variant
 from .data import load_prepared
 from .fileio import file_digest, write_json_atomic
 from .metrics import SCHEMA_VERSION, validate_metrics
-from .weights import WeightsError, weights_file
+from .weights import WeightsError, published_spec
 from .weights import verify as verify_weights
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
@@ -94,9 +94,10 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     if args.weights is not None and not args.weights.exists():
         parser.error(f"weights file {args.weights} does not exist: run the workflow's weights rule "
                      "(snakemake resources/weights/...) or set `weights: standin` for offline runs")
-    if args.weights_source == "imagenet":
+    spec = published_spec(args.weights) if args.weights_source == "imagenet" else None
+    if spec is not None:
         try:  # a file put there by hand is checked as strictly as a download
-            verify_weights(args.weights, weights_file(args.framework, args.model))
+            verify_weights(args.weights, spec)
         except WeightsError as err:
             parser.exit(1, f"error: {err}\n")
     return args

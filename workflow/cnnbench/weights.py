@@ -54,8 +54,26 @@ def weights_file(framework: str, model: str) -> WeightsFile:
                            f"pretrained variants exist for: {available}") from None
 
 
-def weights_path(weights_dir: str | Path, source: str, framework: str, model: str) -> Path:
+PORTED_SUFFIX = ".keras.npz"
+
+
+def weights_path(weights_dir: str | Path, source: str, framework: str, model: str,
+                 keras_vgg16_weights: str = "keras") -> Path:
+    """The staged file a pretrained ``framework``-``model`` variant loads.
+
+    Keras AlexNet (no published Keras weights) and, with ``keras_vgg16_weights: torch``, Keras
+    VGG16 load torchvision's file ported to the Keras layout (``cnnbench.port``), so both
+    frameworks fine-tune from identical weights.
+    """
+    if framework == "keras" and (model == "alexnet" or keras_vgg16_weights == "torch"):
+        torch_file = Path(weights_file("torch", model).filename)
+        return Path(weights_dir) / source / (torch_file.stem + PORTED_SUFFIX)
     return Path(weights_dir) / source / weights_file(framework, model).filename
+
+
+def published_spec(path: str | Path) -> WeightsFile | None:
+    """The published file ``path`` is a copy of (by name), or None for a derived file."""
+    return next((spec for spec in PRETRAINED.values() if spec.filename == Path(path).name), None)
 
 
 def verify(path: str | Path, spec: WeightsFile) -> None:

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,8 @@ PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import ConfigError, parse_variant, resolve_hparams  # noqa: E402
-from cnnbench.weights import PRETRAINED, weights_path  # noqa: E402
+from cnnbench.report import OUTPUTS as REPORT_OUTPUTS  # noqa: E402
+from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, weights_path  # noqa: E402
 
 # Every job runs `python -m cnnbench.<module>` with the package on the path, in a container too
 # (Apptainer mounts the working directory; see profiles/ for other bind paths).
@@ -16,13 +18,11 @@ KERAS_IMAGE = config["containers"]["tensorflow"]
 DATA = "results/data/dataset.npz"
 RUN_DIR = "results/runs/{framework}-{model}-{init}/seed{seed}"
 WEIGHTS_DIR = config["weights_dir"]
-SUMMARY_FILES = ["results/summary.csv", "results/summary.md", "results/learning_curves.png"]
+SUMMARY_FILES = [f"results/{name}" for name in REPORT_OUTPUTS]
 
 try:
     for _variant in config["variants"]:
         resolve_hparams(config, _variant)
-        if parse_variant(_variant).init == "pretrained":
-            weights_path(WEIGHTS_DIR, config["weights"], *parse_variant(_variant)[:2])
 except (ConfigError, RuntimeError) as err:
     raise WorkflowError(f"invalid config: {err}")
 
@@ -46,7 +46,8 @@ def pretrained_weights(wildcards):
     """The staged weights file of a pretrained variant; nothing for a scratch one."""
     if wildcards.init == "scratch":
         return []
-    return str(weights_path(WEIGHTS_DIR, config["weights"], wildcards.framework, wildcards.model))
+    return str(weights_path(WEIGHTS_DIR, config["weights"], wildcards.framework, wildcards.model,
+                            config["keras_vgg16_weights"]))
 
 
 def weights_args(wildcards, input):
@@ -74,11 +75,18 @@ def data_source(wildcards):
 
 
 # ------------------------------------------------------------------------- weights files
-def weights_filenames(framework):
-    """Regex of the weights file names published for ``framework`` (a wildcard constraint)."""
-    return "|".join(spec.filename.replace(".", r"\.") for (fw, _), spec in PRETRAINED.items() if fw == framework)
+def weights_filenames(framework=None):
+    """Regex of the weights file names published (for ``framework``): a wildcard constraint."""
+    return "|".join(spec.filename.replace(".", r"\.") for (fw, _), spec in PRETRAINED.items()
+                    if framework in (None, fw))
 
 
 def weights_owner(filename):
     """(framework, model) of a published weights file name."""
     return next(key for key, spec in PRETRAINED.items() if spec.filename == filename)
+
+
+def torch_model_of(stem):
+    """The model whose torchvision weights file has this stem (for the port rule)."""
+    return next(model for (fw, model), spec in PRETRAINED.items()
+                if fw == "torch" and spec.filename == f"{stem}.pth")

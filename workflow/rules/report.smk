@@ -2,13 +2,24 @@ rule summarize:
     input:
         all_metrics(),
     output:
-        csv=SUMMARY_FILES[0],
-        markdown=SUMMARY_FILES[1],
-        plot=SUMMARY_FILES[2],
+        runs=report("results/summary.csv", caption="../report/runs.rst", category="Tables"),
+        stats=report("results/variant_stats.csv", caption="../report/variant_stats.rst", category="Tables"),
+        differences=report(
+            "results/paired_differences.csv", caption="../report/paired_differences.rst", category="Tables"
+        ),
+        markdown="results/summary.md",
+        curves=report("results/learning_curves.png", caption="../report/learning_curves.rst", category="Plots"),
+        per_class=report(
+            "results/per_class_accuracy.png", caption="../report/per_class_accuracy.rst", category="Plots"
+        ),
+        confusion=report(
+            "results/confusion_matrices.png", caption="../report/confusion_matrices.rst", category="Plots"
+        ),
+    params:
+        out_dir=lambda w, output: os.path.dirname(output.runs),
     log:
         "results/logs/summarize.log",
     container:
         TORCH_IMAGE
     shell:
-        "python -m cnnbench.report {input} --csv {output.csv} --markdown {output.markdown} "
-        "--plot {output.plot} > {log} 2>&1"
+        "python -m cnnbench.report {input} --out-dir {params.out_dir} > {log} 2>&1"

@@ -5,6 +5,8 @@ localrules:
 rule download_weights:
     output:
         f"{WEIGHTS_DIR}/imagenet/{{filename}}",
+    wildcard_constraints:
+        filename=weights_filenames(),
     params:
         framework=lambda w: weights_owner(w.filename)[0],
         model=lambda w: weights_owner(w.filename)[1],
@@ -45,3 +47,20 @@ rule standin_weights_keras:
         KERAS_IMAGE
     shell:
         "KERAS_BACKEND={params.backend} python -m cnnbench.keras_models standin --model {params.model} --out {output} > {log} 2>&1"
+
+
+rule port_torch_weights_to_keras:
+    input:
+        f"{WEIGHTS_DIR}/{{source}}/{{stem}}.pth",
+    output:
+        f"{WEIGHTS_DIR}/{{source}}/{{stem}}{PORTED_SUFFIX}",
+    wildcard_constraints:
+        source="imagenet|standin",
+    params:
+        model=lambda w: torch_model_of(w.stem),
+    log:
+        "results/logs/port_weights/{source}/{stem}.log",
+    container:
+        TORCH_IMAGE
+    shell:
+        "python -m cnnbench.torch_models port --model {params.model} --weights {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,72 @@
+"""The symmetric grid with three seeds on the demo data, and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from cnnbench.config import VALID_VARIANTS
+from cnnbench.metrics import load_metrics
+from conftest import REPO
+from test_workflow import job_counts, snakemake
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("grid")
+    # The demo data and settings, the full grid's variants and seeds (later config files win).
+    output = snakemake(workdir, "--configfile", str(REPO / "config" / "demo.yaml"), str(REPO / "config" / "full.yaml"))
+    return workdir, output
+
+
+def test_every_variant_and_seed_trained(grid_run):
+    workdir, output = grid_run
+    counts = job_counts(output)
+    assert counts["train_torch"] == counts["train_keras"] == 4 * len(SEEDS)
+    assert counts["port_torch_weights_to_keras"] == 2  # AlexNet and VGG16, once each
+    for variant in VALID_VARIANTS:
+        for seed in SEEDS:
+            metrics = load_metrics(workdir / "results" / "runs" / variant / f"seed{seed}" / "metrics.json")
+            assert (metrics["variant"], metrics["seed"]) == (variant, seed)
+
+
+def test_identical_starting_weights_across_frameworks(grid_run):
+    workdir, _ = grid_run
+    for model in ("alexnet", "vgg16"):
+        torch_run = load_metrics(workdir / "results" / "runs" / f"torch-{model}-pretrained" / "seed0" / "metrics.json")
+        keras_run = load_metrics(workdir / "results" / "runs" / f"keras-{model}-pretrained" / "seed0" / "metrics.json")
+        assert torch_run["weights"]["source"] == keras_run["weights"]["source"] == "standin"
+        # The Keras file is the torch file ported: both come from the same stand-in .pth.
+        assert keras_run["weights"]["sha256"] != torch_run["weights"]["sha256"]
+
+
+def test_statistics_and_paired_differences(grid_run):
+    workdir, _ = grid_run
+    stats = pd.read_csv(workdir / "results" / "variant_stats.csv")
+    assert sorted(stats["variant"]) == sorted(VALID_VARIANTS)
+    assert (stats["seeds"] == 3).all()
+    assert (stats["test_accuracy_ci_low"] <= stats["test_accuracy_mean"]).all()
+    assert (stats["test_accuracy_mean"] <= stats["test_accuracy_ci_high"]).all()
+    differences = pd.read_csv(workdir / "results" / "paired_differences.csv")
+    assert len(differences) == 8 and (differences["paired_seeds"] == 3).all()
+    assert differences["test_accuracy_diff_ci_low"].notna().all()
+    for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png"):
+        assert (workdir / "results" / name).stat().st_size > 10_000
+
+
+def test_html_report_is_self_contained_with_captions(grid_run):
+    workdir, _ = grid_run
+    snakemake(workdir, "--configfile", str(REPO / "config" / "demo.yaml"), str(REPO / "config" / "full.yaml"),
+              "--report", "results/report.html")
+    html = (workdir / "results" / "report.html").read_text()
+    assert len(html) > 100_000
+    for caption in ("paired differences over the seeds", "confusion matrix of each variant",
+                    "one line per variant", "Test accuracy per class"):
+        assert caption in html, caption
+    assert "synthetic" in html  # captions name the data
+    assert not re.search(r'src="(?!data:)[^"]+\.png"', html)  # images are embedded, not linked
