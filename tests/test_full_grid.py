@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pandas as pd
@@ -10,7 +9,7 @@ import pytest
 
 from cnnbench.config import VALID_VARIANTS
 from cnnbench.metrics import load_metrics
-from conftest import REPO
+from conftest import REPO, run_python
 from test_workflow import job_counts, snakemake
 
 SEEDS = (0, 1, 2)
@@ -37,12 +36,21 @@ def test_every_variant_and_seed_trained(grid_run):
 
 def test_identical_starting_weights_across_frameworks(grid_run):
     workdir, _ = grid_run
-    for model in ("alexnet", "vgg16"):
-        torch_run = load_metrics(workdir / "results" / "runs" / f"torch-{model}-pretrained" / "seed0" / "metrics.json")
-        keras_run = load_metrics(workdir / "results" / "runs" / f"keras-{model}-pretrained" / "seed0" / "metrics.json")
-        assert torch_run["weights"]["source"] == keras_run["weights"]["source"] == "standin"
-        # The Keras file is the torch file ported: both come from the same stand-in .pth.
-        assert keras_run["weights"]["sha256"] != torch_run["weights"]["sha256"]
+    weights = workdir / "resources" / "weights" / "standin"
+    for model, stem in (("alexnet", "alexnet-owt-7be5be79"), ("vgg16", "vgg16-397923af")):
+        runs = {fw: load_metrics(workdir / "results" / "runs" / f"{fw}-{model}-pretrained" / "seed0" / "metrics.json")
+                for fw in ("torch", "keras")}
+        assert runs["torch"]["weights"]["source"] == runs["keras"]["weights"]["source"] == "standin"
+        # The Keras variant loads the torch variant's file, ported: every layer but the head matches.
+        same = run_python(f"""
+import json, numpy as np, torch
+from cnnbench.port import torch_to_keras
+state = {{k: v.numpy() for k, v in torch.load({str(weights / (stem + ".pth"))!r}, weights_only=True).items()}}
+ported = np.load({str(weights / (stem + ".keras.npz"))!r})
+expected = torch_to_keras({model!r}, state)
+print(json.dumps(all(np.array_equal(ported[k], v) for k, v in expected.items()) and len(ported.files) == len(expected)))
+""")
+        assert same is True
 
 
 def test_statistics_and_paired_differences(grid_run):
