@@ -125,7 +125,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
                             hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights)
         model.compile(optimizer=make_optimizer(hp, steps_per_epoch=-(-len(y_train) // hp["batch_size"])),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+                      metrics=["accuracy"],
+                      jit_compile={"auto": "auto", "on": True, "off": False}[hp["compile"]])
 
     class Progress(keras.callbacks.Callback):
         def __init__(self, bar):

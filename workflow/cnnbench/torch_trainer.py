@@ -52,6 +52,11 @@ class Preprocess:
         return x.contiguous(memory_format=torch.channels_last)
 
 
+def use_compile(hp: dict, device: torch.device) -> bool:
+    """torch.compile pays on a GPU over a full run; on a CPU its compile time outweighs short runs."""
+    return hp["compile"] == "on" or (hp["compile"] == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: str):
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -152,6 +157,10 @@ def run(args: training.RunArgs) -> dict:
     fingerprint = training.run_fingerprint(args, data["sha256"])
     checkpoint = args.checkpoint_dir / "last.pt"
     history = load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
+    # Checkpoints and the saved model hold the plain module's state; the compiled one only trains.
+    network = model
+    if use_compile(hp, device):
+        model = torch.compile(model)
 
     def on_device(name, dtype=None):
         return torch.from_numpy(data[name]).to(device, dtype)
@@ -175,7 +184,7 @@ def run(args: training.RunArgs) -> dict:
                                            timer.seconds, len(y_train))
             history.append(record)
             training.log_epoch(record, hp["epochs"])
-            save_checkpoint(checkpoint, model, optimizer, scheduler, history, fingerprint)
+            save_checkpoint(checkpoint, network, optimizer, scheduler, history, fingerprint)
     except torch.cuda.OutOfMemoryError as err:
         raise TrainingError(f"CUDA ran out of memory with batch_size={hp['batch_size']} "
                             f"(eval_batch_size={hp['eval_batch_size']}) at image_size={hp['image_size']}: "
@@ -183,7 +192,7 @@ def run(args: training.RunArgs) -> dict:
 
     test_loss, _, predictions = evaluate(model, x_test, y_test, preprocess, hp, device)
     with atomic_path(args.model_out) as tmp:
-        torch.save(model.state_dict(), tmp)
+        torch.save(network.state_dict(), tmp)
     env = training.environment(
         device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch.__version__, args.container)
