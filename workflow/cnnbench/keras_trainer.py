@@ -134,16 +134,16 @@ def run(args: training.RunArgs, backend: str) -> dict:
             self.bar = bar
 
         def on_train_batch_end(self, batch, logs=None):
-            self.bar.update(min(hp["batch_size"], len(y_train) - batch * hp["batch_size"]))
+            self.bar.update(min(hp["batch_size"], self.bar.total - self.bar.n))
             if stop.requested:
                 self.model.stop_training = True
 
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             seed = training.epoch_seed(args.seed, epoch)
-            order = np.random.default_rng(seed).permutation(len(y_train))
+            order = training.epoch_order(len(y_train), seed, hp)
             reseed_dropout(model, seed)
-            with training.progress(len(y_train), f"epoch {epoch}/{hp['epochs']}") as bar, training.Timer() as timer:
+            with training.progress(len(order), f"epoch {epoch}/{hp['epochs']}") as bar, training.Timer() as timer:
                 fit = model.fit(x_train[order], y_train[order], batch_size=hp["batch_size"], epochs=1,
                                 shuffle=False, verbose=0, callbacks=[Progress(bar)])
             if stop.requested:
@@ -151,8 +151,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
             train_loss, train_acc = fit.history["loss"][-1], fit.history["accuracy"][-1]
             training.check_finite(train_loss, epoch, hp)
             val_loss, val_acc, _ = evaluate(model, data["x_val"], data["y_val"], hp)
-            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc,
-                                           timer.seconds, len(y_train))
+            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds,
+                                           len(order))
             history.append(record)
             training.log_epoch(record, hp["epochs"])
             checkpoint.save(model, history)

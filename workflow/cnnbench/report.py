@@ -35,7 +35,7 @@ CONFIDENCE = 0.95
 
 def summary_row(metrics: dict) -> dict:
     history = metrics["history"]
-    images = metrics["data"]["train_size"] * len(history)
+    images = sum(epoch["images_per_second"] * epoch["seconds"] for epoch in history)
     reference = REFERENCE.get(metrics["variant"], (None, None))
     return {
         "variant": metrics["variant"],

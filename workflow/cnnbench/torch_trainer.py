@@ -65,14 +65,13 @@ def autocast(device: torch.device, precision: str):
 
 def train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, epoch_seed, stop, desc):
     model.train()
-    generator = torch.Generator(device="cpu").manual_seed(epoch_seed)
     torch.manual_seed(epoch_seed)  # dropout masks of this epoch
-    order = torch.randperm(len(y), generator=generator).to(device)
+    order = torch.from_numpy(training.epoch_order(len(y), epoch_seed, hp)).to(device)
     batch_size = hp["batch_size"]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    with training.progress(len(y), desc) as bar:
-        for start in range(0, len(y), batch_size):
+    with training.progress(len(order), desc) as bar:
+        for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             images, labels = preprocess(x[index]), y[index]
             with autocast(device, hp["precision"]):
@@ -87,7 +86,7 @@ def train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, e
             bar.update(len(index))
             if stop.requested:
                 raise Preempted
-    return loss_sum.item() / len(y), correct.item() / len(y)
+    return loss_sum.item() / len(order), correct.item() / len(order), len(order)
 
 
 @torch.no_grad()
@@ -173,15 +172,14 @@ def run(args: training.RunArgs) -> dict:
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             with training.Timer() as timer:
-                train_loss, train_acc = train_one_epoch(
+                train_loss, train_acc, trained = train_one_epoch(
                     model, optimizer, scheduler, x_train, y_train, preprocess, hp, device,
                     training.epoch_seed(args.seed, epoch), stop, f"epoch {epoch}/{hp['epochs']}")
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             training.check_finite(train_loss, epoch, hp)
             val_loss, val_acc, _ = evaluate(model, x_val, y_val, preprocess, hp, device)
-            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc,
-                                           timer.seconds, len(y_train))
+            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds, trained)
             history.append(record)
             training.log_epoch(record, hp["epochs"])
             save_checkpoint(checkpoint, network, optimizer, scheduler, history, fingerprint)

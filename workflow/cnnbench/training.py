@@ -108,6 +108,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**31 - 1)
 
 
+def epoch_order(num_images: int, seed: int, hparams: dict) -> np.ndarray:
+    """This epoch's shuffled image order; ``max_steps_per_epoch`` (benchmarks) truncates it."""
+    order = np.random.default_rng(seed).permutation(num_images)
+    if hparams.get("max_steps_per_epoch"):
+        order = order[: hparams["max_steps_per_epoch"] * hparams["batch_size"]]
+    return order
+
+
 def load_data(args: RunArgs) -> dict:
     data = load_prepared(args.data)
     data["sha256"] = file_digest(args.data)
