@@ -160,20 +160,23 @@ def test_cancelled_training_fails_the_run_and_a_rerun_completes(slurm_run):
     # A missing file whose consumers are up to date is not rebuilt on its own: ask for it (and for `all`).
     targets = [str(metrics.relative_to(workdir)), "all"]
 
-    start = time.monotonic()
+    start, wall_start = time.monotonic(), time.time()
     log_path = workdir / "cancelled-run.log"
     with open(log_path, "w") as log:  # a file, not a pipe: nobody reads while we wait for the job
         proc = subprocess.Popen(snakemake_cmd(workdir, "--retries", "0", *targets), stdout=log,
                                 stderr=subprocess.STDOUT, text=True, env=slurm_env())
     try:
+        # Cancel once the training command itself runs inside the job (it has started writing its log).
+        train_log = metrics.parent / "train.log"
         job = None
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             new = [j for j in training_jobs(workdir, variant) if int(j["JobId"]) not in earlier]
-            if new and new[0]["JobState"] == "RUNNING":
+            if (new and new[0]["JobState"] == "RUNNING" and train_log.exists()
+                    and train_log.stat().st_mtime > wall_start):
                 job = new[0]
                 break
-            time.sleep(1)
+            time.sleep(0.5)
         assert job is not None, (f"no running SLURM job for {variant} appeared (snakemake rc {proc.poll()}):\n"
                                  + log_path.read_text()[-5000:])
         subprocess.run(["scancel", job["JobId"]], check=True, timeout=30)

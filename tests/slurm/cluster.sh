@@ -59,7 +59,8 @@ write_config() {
     [[ -n $node_line ]] || die "slurmd -C printed no NodeName line"
     node=$(node_name)
     mkdir -p "$CONF_DIR" "$STATE/ctld" "$STATE/d" "$STATE/log"
-    cat > "$CONF" <<CONF
+    # written aside and renamed: a command reading slurm.conf meanwhile never sees half a file
+    cat > "$CONF.tmp" <<CONF
 $MARKER
 ClusterName=cnnbench
 SlurmctldHost=$host(127.0.0.1)
@@ -95,12 +96,14 @@ ${node_line} NodeAddr=127.0.0.1 Gres=gpu:1 State=UNKNOWN
 PartitionName=cpu Nodes=$node Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$node MaxTime=INFINITE State=UP
 CONF
+    mv -f "$CONF.tmp" "$CONF"
     # A stand-in GPU: /dev/null, no autodetection.
-    cat > "$CONF_DIR/gres.conf" <<CONF
+    cat > "$CONF_DIR/gres.conf.tmp" <<CONF
 $MARKER
 AutoDetect=off
 NodeName=$node Name=gpu File=/dev/null
 CONF
+    mv -f "$CONF_DIR/gres.conf.tmp" "$CONF_DIR/gres.conf"
     # Debian's cgroup.conf is not needed (proctrack/linuxproc, task/none).
 }
 
