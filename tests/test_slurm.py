@@ -118,7 +118,7 @@ def slurm_run(cluster, tmp_path_factory):
 
 
 def test_every_training_ran_as_a_slurm_job_with_one_gpu(slurm_run):
-    workdir, output = slurm_run
+    workdir, _ = slurm_run
     for variant in VARIANTS:
         jobs = training_jobs(workdir, variant)
         assert len(jobs) == 1, f"{variant}: expected one SLURM job, got {jobs}"
