@@ -1,0 +1,207 @@
+"""The demo workflow on a real SLURM cluster through profiles/slurm (snakemake-executor-plugin-slurm).
+
+Needs a running cluster: `bash tests/slurm/cluster.sh start` (root) brings up a one-node SLURM with a
+stand-in GPU; without `sbatch` the tests skip (fail where CNNBENCH_REQUIRE_TOOLS is set). The workflow
+runs in a temporary directory, from the repository's Snakefile and profile, with a smaller demo config.
+Each SLURM job inherits this process's environment (`sbatch --export=ALL`), so `python` and `snakemake`
+on the node are the ones running this test (their folder goes first on PATH).
+
+Checks: every training ran as a SLURM job in the `gpu` partition that was allocated one GPU
+(`scontrol show job`, kept for MinJobAge); the outputs are complete; a training cancelled with scancel
+fails the run, and a rerun completes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, require_tool, skip_or_fail
+
+PROFILE = REPO / "profiles" / "slurm"
+VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
+            "keras-vgg16-pretrained"]
+TRAIN_RULE = {"torch": "train_torch", "keras": "train_keras"}
+SUMMARY = ["summary.csv", "summary.md", "learning_curves.png"]
+
+
+def slurm_env() -> dict:
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def node_cpus() -> int:
+    out = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout.split()
+    return min(int(c.rstrip("+")) for c in out)
+
+
+def snakemake_cmd(workdir: Path, *args) -> list[str]:
+    # This cluster has no accounting database (sacct): job states come from squeue, which keeps finished
+    # jobs for MinJobAge. Short first status check: the test's jobs take seconds, not hours.
+    # --cores: the trainers' threads (workflow.cores); the profile's 8 is more than the test node has.
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "slurm-test.yaml"), "--profile", str(PROFILE),
+            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+            "--cores", str(node_cpus()), *args]
+
+
+def run_snakemake(workdir: Path, *args, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, env=slurm_env(),
+                          timeout=timeout)
+
+
+def slurm_jobs(workdir: Path) -> dict[int, dict[str, str]]:
+    """Every job slurmctld still knows (MinJobAge) that ran in ``workdir``: id -> scontrol fields."""
+    out = subprocess.run(["scontrol", "show", "job", "--details", "--oneliner"], capture_output=True, text=True, timeout=30).stdout
+    jobs = {}
+    for line in out.splitlines():
+        fields = dict(re.findall(r"(\w+(?:/\w+)?)=(\S*)", line))
+        if fields.get("WorkDir") == str(workdir):
+            jobs[int(fields["JobId"])] = fields
+    return jobs
+
+
+def training_jobs(workdir: Path, variant: str) -> list[dict[str, str]]:
+    framework, model, init = variant.split("-")
+    rule = TRAIN_RULE[framework]
+    # Comment=rule_<rule>_wildcards_<framework>_<model>_<init>_<seed>, set by the plugin
+    return [job for job in slurm_jobs(workdir).values()
+            if job.get("Comment", "").startswith(f"rule_{rule}_wildcards_")
+            and job["Comment"].endswith(f"{framework}_{model}_{init}_0")]
+
+
+def asks_for_one_gpu(job: dict[str, str]) -> bool:
+    """Requested (TresPerJob, from sbatch --gpus=1) and allocated (JOB_GRES) one GPU."""
+    return job.get("TresPerJob") == "gres:gpu:1" and job.get("JOB_GRES") == "gpu:1"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_tool("sbatch")
+    probe = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not re.search(r"^gpu\s+(idle|mixed|allocated|completing)", probe.stdout, re.M):
+        skip_or_fail("no SLURM cluster with an up `gpu` partition (start one: bash tests/slurm/cluster.sh start); "
+                     f"sinfo said: {probe.stdout.strip()} {probe.stderr.strip()}")
+    mem = subprocess.run(["sinfo", "-h", "-o", "%m"], capture_output=True, text=True, timeout=30).stdout.split()
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    wanted = max(r.get("mem_mb", 0) for r in [profile["default-resources"], *profile["set-resources"].values()])
+    if max(int(m.rstrip("+")) for m in mem) < wanted:
+        skip_or_fail(f"the SLURM node has less memory than profiles/slurm asks for ({mem} < {wanted} MB)")
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm").resolve()
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    # smaller than the demo: the four trainings share the node's one (stand-in) GPU, one after another
+    config["data"]["val_size"] = 20
+    config["data"]["synthetic"].update(train_per_class=10, test_per_class=5)
+    config["train"]["epochs"] = 1
+    (workdir / "slurm-test.yaml").write_text(yaml.safe_dump(config))
+    start = time.monotonic()
+    try:
+        result = run_snakemake(workdir)
+        print(f"slurm demo run: {time.monotonic() - start:.0f} s")
+        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-8000:]
+        yield workdir, result.stdout + result.stderr
+    finally:  # leave no job of ours behind (a timeout, a failed assertion)
+        left = [job_id for job_id, job in slurm_jobs(workdir).items() if job["JobState"] in ("PENDING", "RUNNING")]
+        if left:
+            subprocess.run(["scancel", *map(str, left)], timeout=30)
+
+
+def test_every_training_ran_as_a_slurm_job_with_one_gpu(slurm_run):
+    workdir, _ = slurm_run
+    for variant in VARIANTS:
+        jobs = training_jobs(workdir, variant)
+        assert len(jobs) == 1, f"{variant}: expected one SLURM job, got {jobs}"
+        job = jobs[0]
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
+        assert job["Partition"] == "gpu", job
+        assert asks_for_one_gpu(job), f"{variant}: job {job['JobId']} has no GPU: {job}"
+        # the plugin's log of that job (kept: slurm-keep-successful-logs in the profile)
+        logs = list((workdir / ".snakemake" / "slurm_logs").glob(f"rule_{TRAIN_RULE[variant.split('-')[0]]}/*/"
+                                                                 f"{job['JobId']}.log"))
+        assert logs, f"no plugin log for job {job['JobId']}"
+        log = logs[0].read_text()
+        assert f"rule {TRAIN_RULE[variant.split('-')[0]]}:" in log and "1 of 1 steps (100%) done" in log, log[-3000:]
+        assert job["NumCPUs"] == str(node_cpus()), job  # --cpus-per-task from the trainers' threads
+    # the other rules ran as CPU jobs in the default partition, without a GPU
+    others = [job for job in slurm_jobs(workdir).values() if not job["Comment"].startswith("rule_train_")]
+    assert {job["Comment"].split("_wildcards_")[0] for job in others} >= {
+        "rule_prepare_data", "rule_summarize", "rule_standin_weights_torch", "rule_standin_weights_keras"}
+    assert all(job["Partition"] == "cpu" and not asks_for_one_gpu(job) for job in others), others
+
+
+def test_outputs_are_complete(slurm_run):
+    workdir, _ = slurm_run
+    results = workdir / "results"
+    for variant in VARIANTS:
+        assert (results / "runs" / variant / "seed0" / "metrics.json").stat().st_size > 0
+    for name in SUMMARY:
+        assert (results / name).stat().st_size > 0
+    assert sorted(line.split(",")[0] for line in (results / "summary.csv").read_text().splitlines()[1:]) \
+        == sorted(VARIANTS)
+
+
+def test_cancelled_training_fails_the_run_and_a_rerun_completes(slurm_run):
+    workdir, _ = slurm_run
+    variant = "torch-alexnet-scratch"
+    metrics = workdir / "results" / "runs" / variant / "seed0" / "metrics.json"
+    earlier = {int(job["JobId"]) for job in training_jobs(workdir, variant)}
+    metrics.unlink()
+    # A missing file whose consumers are up to date is not rebuilt on its own: ask for it (and for `all`).
+    targets = [str(metrics.relative_to(workdir)), "all"]
+
+    start, wall_start = time.monotonic(), time.time()
+    log_path = workdir / "cancelled-run.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: nobody reads while we wait for the job
+        proc = subprocess.Popen(snakemake_cmd(workdir, "--retries", "0", *targets), stdout=log,
+                                stderr=subprocess.STDOUT, text=True, env=slurm_env())
+    try:
+        # Cancel once the training command itself runs inside the job (it has started writing its log).
+        train_log = metrics.parent / "train.log"
+        job = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            new = [j for j in training_jobs(workdir, variant) if int(j["JobId"]) not in earlier]
+            if (new and new[0]["JobState"] == "RUNNING" and train_log.exists()
+                    and train_log.stat().st_mtime > wall_start):
+                job = new[0]
+                break
+            time.sleep(0.5)
+        assert job is not None, (f"no running SLURM job for {variant} appeared (snakemake rc {proc.poll()}):\n"
+                                 + log_path.read_text()[-5000:])
+        subprocess.run(["scancel", job["JobId"]], check=True, timeout=30)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:  # Snakemake cancels its SLURM jobs on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    output = log_path.read_text()
+    print(f"cancel run: {time.monotonic() - start:.0f} s")
+    assert proc.returncode != 0, output[-5000:]
+    assert f"SLURM-job '{job['JobId']}' failed" in output and "CANCELLED" in output, output[-5000:]
+    assert slurm_jobs(workdir)[int(job["JobId"])]["JobState"] == "CANCELLED"
+    assert not metrics.exists()
+
+    start = time.monotonic()
+    result = run_snakemake(workdir, *targets)
+    print(f"rerun: {time.monotonic() - start:.0f} s")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-8000:]
+    assert metrics.stat().st_size > 0
+    rerun_jobs = [j for j in training_jobs(workdir, variant) if int(j["JobId"]) not in earlier | {int(job["JobId"])}]
+    assert len(rerun_jobs) == 1 and rerun_jobs[0]["JobState"] == "COMPLETED" and asks_for_one_gpu(rerun_jobs[0])
+    for name in SUMMARY:
+        assert (workdir / "results" / name).stat().st_mtime > metrics.stat().st_mtime - 1
