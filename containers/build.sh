@@ -20,8 +20,10 @@
 #
 # Each image is cached as containers/<name>-<hash>.sif, hash = sha256 of the definition file and
 # the build arguments, and containers/<name>.sif links to it: a rerun with the same inputs
-# reuses the image without building. Build caches and temp files go under
-# ${CNNBENCH_BUILD_DIR:-/var/tmp/cnnbench-apptainer}, not into the repository.
+# reuses the image without building. Built images are also kept in $BUILD_DIR/images (hard-linked
+# into containers/), so a fresh clone on the same machine (CI) reuses them too. Build caches, temp
+# files and images go under BUILD_DIR=${CNNBENCH_BUILD_DIR:-/var/tmp/cnnbench-apptainer}, not
+# into the repository; old images stay there until removed by hand.
 #
 # Apptainer builds need --fakeroot (an unprivileged user with /etc/subuid and /etc/subgid
 # ranges): run as root, this script builds as ${APPTAINER_BUILD_USER:-cnnbuild}, the user
@@ -102,7 +104,7 @@ as_builder() {  # run a command as the unprivileged build user (as ourselves if 
     fi
 }
 
-mkdir -p "$BUILD_DIR/home" "$BUILD_DIR/cache" "$BUILD_DIR/tmp" "$BUILD_DIR/out"
+mkdir -p "$BUILD_DIR/home" "$BUILD_DIR/cache" "$BUILD_DIR/tmp" "$BUILD_DIR/out" "$BUILD_DIR/images"
 [ "$(id -u)" = 0 ] && chown -R "$BUILD_USER:" "$BUILD_DIR"
 chmod 755 "$BUILD_DIR"
 
@@ -113,8 +115,12 @@ for name in "${IMAGES[@]}"; do
     hash=$( { cat "$def"; echo "--- build args"; echo "$args"; echo "--- mksquashfs: $MKSQUASHFS_ARGS"; } |
         sha256sum | cut -c1-16)
     sif="$HERE/$name-$hash.sif"
-    if [ -f "$sif" ] && [ "$FORCE" = 0 ]; then
+    cached="$BUILD_DIR/images/$name-$hash.sif"  # survives a fresh clone (CI)
+    if [ "$FORCE" = 0 ] && [ -f "$sif" ]; then
         log "$name: reusing $(basename "$sif") (same definition and build arguments)"
+    elif [ "$FORCE" = 0 ] && [ -f "$cached" ]; then
+        ln -f "$cached" "$sif" 2>/dev/null || cp "$cached" "$sif"
+        log "$name: reusing $cached (same definition and build arguments)"
     else
         log "$name: building $(basename "$sif") (build args: $(echo "$args" | tr '\n' ';'))"
         work="$BUILD_DIR/out/$name-$hash"
@@ -131,12 +137,9 @@ for name in "${IMAGES[@]}"; do
             --build-arg-file "$work/build-args" "$work/$name.sif" "$work/$name.def" \
             2>&1 | tee "$work/build.log" >&2 ||
             die "$name: apptainer build failed; log: $work/build.log"
-        mv -f "$work/$name.sif" "$sif.partial"
-        [ "$(id -u)" = 0 ] && chown "$(stat -c %u:%g "$HERE")" "$sif.partial"
-        mv -f "$sif.partial" "$sif"
+        mv -f "$work/$name.sif" "$cached"
+        ln -f "$cached" "$sif" 2>/dev/null || cp "$cached" "$sif"
         log "$name: built $(basename "$sif") ($(du -h "$sif" | cut -f1)) in $(( $(date +%s) - start )) s"
     fi
     ln -sfn "$(basename "$sif")" "$HERE/$name.sif"
-    # Old builds of this image (other hashes) are kept until removed by hand:
-    #   ls containers/$name-*.sif
 done
