@@ -10,11 +10,83 @@ from cnnbench.config import ConfigError, parse_variant, resolve_hparams  # noqa:
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, weights_path  # noqa: E402
 
+
+# ------------------------------------------------------------- containers (--use-singularity)
+def using_apptainer():
+    from snakemake.settings.types import DeploymentMethod
+
+    settings = workflow.deployment_settings
+    return settings is not None and DeploymentMethod.APPTAINER in settings.deployment_method
+
+
+def container_image(path):
+    """A relative image path names a file in the working directory or else in the repository
+    (where containers/build.sh puts the images)."""
+    if "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = os.path.join(workflow.basedir, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
+def keras_needed():
+    return any(parse_variant(v).framework == "keras" for v in config["variants"])
+
+
+def check_images(images):
+    """Fail early, saying what to do, on a missing apptainer, image, or an image of the other
+    framework (the `cnnbench.framework` label that containers/*.def set)."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("apptainer") or shutil.which("singularity")):
+        raise WorkflowError(
+            "--use-singularity needs `apptainer` on PATH: install it (Debian/Ubuntu, as root: "
+            "containers/install-apptainer.sh; elsewhere https://apptainer.org/docs/admin/main/installation.html), "
+            "or run without --use-singularity in an environment with requirements.txt installed"
+        )
+    for framework, image in images.items():
+        key = {"torch": "torch", "keras": "tensorflow"}[framework]
+        if image is None or "://" in image:
+            continue
+        if not os.path.exists(image):
+            where = "" if os.path.isabs(image) else f" in {os.getcwd()} or {workflow.basedir}"
+            raise WorkflowError(
+                f"container image {image} (config `containers: {key}:`) does not exist{where}: build it "
+                f"with `containers/build.sh {key}` in {workflow.basedir}, set `containers: {key}:` "
+                "to an existing .sif, or run without --use-singularity"
+            )
+        inspect = subprocess.run(
+            [shutil.which("apptainer") or "singularity", "inspect", "--json", "--labels", image],
+            capture_output=True, text=True,
+        )
+        try:
+            labels = json.loads(inspect.stdout)["data"]["attributes"]["labels"] or {}
+        except (ValueError, KeyError, TypeError):
+            raise WorkflowError(f"container image {image} is not a readable Apptainer image: {inspect.stderr.strip()}")
+        if labels.get("cnnbench.framework", framework) != framework:
+            raise WorkflowError(
+                f"container image {image} (config `containers: {key}:`) is the "
+                f"{labels['cnnbench.framework']} image, not the {framework} one: build "
+                f"containers/{key}.sif with `containers/build.sh {key}` or fix `containers:` in the config"
+            )
+
+
+def bind_package_dir():
+    """Jobs import cnnbench from PACKAGE_DIR; Apptainer binds only the working directory, so bind
+    the package too when the working directory (--directory) is elsewhere."""
+    import shlex
+
+    if PACKAGE_DIR.resolve().is_relative_to(Path.cwd().resolve()):
+        return
+    bind = f"--bind {shlex.quote(f'{PACKAGE_DIR}:{PACKAGE_DIR}:ro')}"
+    if bind not in workflow.deployment_settings.apptainer_args:
+        workflow.deployment_settings.apptainer_args += f" {bind}"
+
 # Every job runs `python -m cnnbench.<module>` with the package on the path, in a container too
-# (Apptainer mounts the working directory; see profiles/ for other bind paths).
+# (Apptainer mounts the working directory; bind_package_dir() binds the package when it lies outside).
 shell.prefix(f"export PYTHONPATH={PACKAGE_DIR}; ")
-TORCH_IMAGE = config["containers"]["torch"]
-KERAS_IMAGE = config["containers"]["tensorflow"]
+TORCH_IMAGE = container_image(config["containers"]["torch"])
+KERAS_IMAGE = container_image(config["containers"]["tensorflow"])
 DATA = "results/data/dataset.npz"
 RUN_DIR = "results/runs/{framework}-{model}-{init}/seed{seed}"
 WEIGHTS_DIR = config["weights_dir"]
@@ -25,6 +97,10 @@ try:
         resolve_hparams(config, _variant)
 except (ConfigError, RuntimeError) as err:
     raise WorkflowError(f"invalid config: {err}")
+
+if using_apptainer():
+    check_images({"torch": TORCH_IMAGE, "keras": KERAS_IMAGE if keras_needed() else None})
+    bind_package_dir()
 
 
 wildcard_constraints:

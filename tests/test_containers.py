@@ -1,0 +1,108 @@
+"""The demo in the Apptainer images (`--use-singularity`), and the errors for bad container setups.
+
+The images are expected prebuilt at containers/torch.sif and containers/tensorflow.sif
+(`containers/build.sh`; CI builds them before pytest). Without apptainer or the images these tests
+skip, unless CNNBENCH_REQUIRE_TOOLS is set (then they fail).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnbench.metrics import load_metrics
+from conftest import REPO, require_tool, skip_or_fail
+
+IMAGES = {"torch": REPO / "containers" / "torch.sif", "keras": REPO / "containers" / "tensorflow.sif"}
+DEMO_VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
+                 "keras-vgg16-pretrained"]
+MODEL_FILE = {"torch": "model.pt", "keras": "model.keras"}
+
+
+def snakemake(workdir: Path, *args, env: dict | None = None, timeout: float = 2400):
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(REPO / "config" / "demo.yaml"), *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def images():
+    require_tool("apptainer")
+    for path in IMAGES.values():
+        if not path.exists():
+            skip_or_fail(f"{path} does not exist: build the images with containers/build.sh")
+    return IMAGES
+
+
+@pytest.fixture(scope="module")
+def container_demo(images, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("container-demo")
+    code, output = snakemake(workdir, "--use-singularity", "--cores", "1", "--resources", "gpu=1")
+    assert code == 0, output[-8000:]
+    return workdir, output
+
+
+def test_container_demo_produces_every_output(container_demo):
+    workdir, output = container_demo
+    assert "Using workflow specific profile profiles/default" in output  # its singularity-args: --nv
+    results = workdir / "results"
+    for variant in DEMO_VARIANTS:
+        run = results / "runs" / variant / "seed0"
+        metrics = load_metrics(run / "metrics.json")  # validates against the schema
+        assert metrics["variant"] == variant and len(metrics["history"]) == 2
+        assert (run / MODEL_FILE[metrics["framework"]]).exists()
+        # The trainer records the image Apptainer ran it in.
+        container = metrics["environment"]["container"]
+        assert container and Path(container).resolve() == IMAGES[metrics["framework"]].resolve(), container
+    for name in ["summary.csv", "summary.md", "learning_curves.png", "data/dataset.npz"]:
+        assert (results / name).stat().st_size > 0, name
+    assert (results / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (workdir / "resources" / "weights" / "standin").iterdir()) == [
+        "alexnet-owt-7be5be79.pth", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"]
+
+
+def test_missing_image_says_how_to_build_it(images, tmp_path):
+    code, output = snakemake(tmp_path, "--use-singularity", "-n", "--config",
+                             f"containers={{torch: {tmp_path / 'nope.sif'}, tensorflow: {images['keras']}}}")
+    assert code != 0
+    assert f"container image {tmp_path / 'nope.sif'}" in output and "containers/build.sh torch" in output
+
+
+def test_image_of_the_other_framework_is_refused(images, tmp_path):
+    code, output = snakemake(tmp_path, "--use-singularity", "-n", "--config",
+                             f"containers={{torch: {images['keras']}, tensorflow: {images['torch']}}}")
+    assert code != 0
+    assert "is the keras image, not the torch one" in output and "containers/build.sh torch" in output
+
+
+def test_missing_apptainer_says_how_to_install_it(tmp_path):
+    # PATH without the directories that hold apptainer/singularity (plus the few tools snakemake
+    # calls, should they live there too).
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ["sh", "bash", "which", "uname"]:
+        if shutil.which(tool):
+            os.symlink(shutil.which(tool), bindir / tool)
+    path = [d for d in os.environ["PATH"].split(os.pathsep)
+            if not any((Path(d) / tool).exists() for tool in ["apptainer", "singularity"])]
+    code, output = snakemake(tmp_path, "--use-singularity", "-n",
+                             env={"PATH": os.pathsep.join([str(Path(sys.executable).parent), *path, str(bindir)])})
+    assert code != 0
+    assert "needs `apptainer` on PATH" in output and "containers/install-apptainer.sh" in output
+
+
+def test_images_are_labelled_with_framework_and_versions(images):
+    for framework, image in images.items():
+        out = subprocess.run(["apptainer", "inspect", "--json", "--labels", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+        labels = json.loads(out)["data"]["attributes"]["labels"]
+        assert labels["cnnbench.framework"] == framework
+        assert ("torch==2.14.1" if framework == "torch" else "==2.21.0") in labels["cnnbench.requirements"]
