@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: demo test venv clean lint
+CONTAINER_BUILD_ARGS ?=
+
+.PHONY: demo test venv clean lint containers
 
 $(BIN)/snakemake: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,9 @@ test: venv
 
 lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
+
+containers:
+	containers/build.sh $(CONTAINER_BUILD_ARGS)
 
 clean:
 	rm -rf results .snakemake
