@@ -14,7 +14,6 @@ Sources:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -22,13 +21,12 @@ import pickle
 import sys
 import tarfile
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path, file_digest
+from .fileio import atomic_path, file_digest, stream_to_file
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -58,14 +56,10 @@ def download(url: str, dest: str | os.PathLike, md5: str, timeout: float = 60.0)
     dest = Path(dest)
     try:
         with atomic_path(dest) as tmp:
-            digest = hashlib.md5()
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    digest.update(block)
-                    out.write(block)
-            if digest.hexdigest() != md5:
+            actual = stream_to_file(url, tmp, "md5", timeout)
+            if actual != md5:
                 raise DataError(
-                    f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}. "
+                    f"checksum mismatch for {url}: md5 {actual}, expected {md5}. "
                     "The partial download was removed; run the workflow again to retry."
                 )
     except (urllib.error.URLError, OSError, TimeoutError) as err:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +41,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def stream_to_file(url: str, path: str | os.PathLike, algorithm: str, timeout: float = 60.0) -> str:
+    """Download ``url`` into ``path`` in 1 MiB blocks; return the hex digest of what was written."""
+    digest = hashlib.new(algorithm)
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
+        for block in iter(lambda: response.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:

@@ -8,14 +8,12 @@ so that a GPU node without internet can train.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fileio import atomic_path, file_digest
+from .fileio import atomic_path, file_digest, stream_to_file
 
 
 class WeightsError(RuntimeError):
@@ -76,8 +74,9 @@ def published_spec(path: str | Path) -> WeightsFile | None:
     return next((spec for spec in PRETRAINED.values() if spec.filename == Path(path).name), None)
 
 
-def verify(path: str | Path, spec: WeightsFile) -> None:
-    actual = file_digest(path, spec.algorithm)
+def verify(path: str | Path, spec: WeightsFile, actual: str | None = None) -> None:
+    """Check ``path`` (or its already computed digest ``actual``) against the published digest."""
+    actual = actual or file_digest(path, spec.algorithm)
     if not actual.startswith(spec.digest):
         raise WeightsError(
             f"{path} has {spec.algorithm} {actual}, but {spec.url} is published as {spec.digest}: the "
@@ -91,12 +90,7 @@ def fetch(spec: WeightsFile, dest: str | Path, timeout: float = 60.0) -> Path:
     dest = Path(dest)
     try:
         with atomic_path(dest) as tmp:
-            digest = hashlib.new(spec.algorithm)
-            with urllib.request.urlopen(spec.url, timeout=timeout) as response, open(tmp, "wb") as out:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    digest.update(block)
-                    out.write(block)
-            verify(tmp, spec)
+            verify(tmp, spec, stream_to_file(spec.url, tmp, spec.algorithm, timeout))
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise WeightsError(
             f"could not download {spec.url} ({err}). On a machine without internet, download that URL "
