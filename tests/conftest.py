@@ -37,9 +37,14 @@ def require_tool(name: str) -> str:
     return path
 
 
+def package_env(extra: dict | None = None) -> dict:
+    """The environment a framework subprocess runs in: the package importable, TF's log quiet."""
+    return {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2", **(extra or {})}
+
+
 def run_module(module: str, *args, env: dict | None = None, check: bool = True, timeout: float = 900):
     """Run ``python -m cnnbench.<module>`` in its own process (one framework per process)."""
-    full_env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    full_env = package_env(env)
     result = subprocess.run([sys.executable, "-m", f"cnnbench.{module}", *map(str, args)],
                             capture_output=True, text=True, env=full_env, timeout=timeout)
     if check and result.returncode != 0:
@@ -49,7 +54,7 @@ def run_module(module: str, *args, env: dict | None = None, check: bool = True, 
 
 def run_python(code: str, env: dict | None = None, timeout: float = 600):
     """Run ``code`` in a fresh interpreter with the package importable; return its last JSON line."""
-    full_env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    full_env = package_env(env)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                             timeout=timeout)
     assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cnnbench.data import prepare
-from conftest import DEFAULT_HPARAMS, PACKAGE_DIR, REPO, run_module, run_python
+from conftest import DEFAULT_HPARAMS, REPO, package_env, run_module, run_python
 from test_trainers import MODEL_SUFFIX, train
 
 # The demo setting: synthetic 32x32 images at 64x64, 2 epochs, batch 64 (a few seconds per epoch).
@@ -44,9 +43,8 @@ def interrupt_in_epoch_two(framework, data, run_dir, sig) -> subprocess.Complete
     """Start a training, wait until epoch 1 is checkpointed and epoch 2 is under way, send ``sig``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "interrupted.log"
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2"}
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(trainer_command(framework, data, run_dir), stderr=stderr, env=env)
+        proc = subprocess.Popen(trainer_command(framework, data, run_dir), stderr=stderr, env=package_env())
         marker = run_dir / "checkpoint" / CHECKPOINT_MARKER[framework]
         deadline = time.monotonic() + 600
         while not (marker.exists() and "epoch 2/2:" in log.read_text()):
@@ -80,7 +78,7 @@ def reference_runs(demo_dataset, tmp_path_factory):
     for framework in ("torch", "keras"):
         run_dir = tmp_path_factory.mktemp(f"reference-{framework}")
         subprocess.run(trainer_command(framework, demo_dataset, run_dir), check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR)})
+                       env=package_env())
         runs[framework] = json.loads((run_dir / "metrics.json").read_text())
     return runs
 
@@ -99,7 +97,7 @@ def test_killed_training_resumes_after_last_epoch(framework, sig, demo_dataset, 
     assert not list(tmp_path.glob(".*.tmp*"))  # no half-written file left beside the outputs
 
     resumed = subprocess.run(trainer_command(framework, demo_dataset, tmp_path), capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR)})
+                             env=package_env())
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "after epoch 1" in resumed.stderr
     assert "epoch 1/2:" not in resumed.stderr  # epoch 1 was not trained again
