@@ -23,7 +23,7 @@
 # reuses the image without building. Built images are also kept in $BUILD_DIR/images (hard-linked
 # into containers/), so a fresh clone on the same machine (CI) reuses them too. Build caches, temp
 # files and images go under BUILD_DIR=${CNNBENCH_BUILD_DIR:-/var/tmp/cnnbench-apptainer}, not
-# into the repository; old images stay there until removed by hand.
+# into the repository; building an image removes the older builds of that image.
 #
 # Apptainer builds need --fakeroot (an unprivileged user with /etc/subuid and /etc/subgid
 # ranges): run as root, this script builds as ${APPTAINER_BUILD_USER:-cnnbuild}, the user
@@ -98,6 +98,9 @@ as_builder() {  # run a command as the unprivileged build user (as ourselves if 
             die "no build user $BUILD_USER: run containers/install-apptainer.sh (it creates one)"
         grep -q "^$BUILD_USER:" /etc/subuid && grep -q "^$BUILD_USER:" /etc/subgid ||
             die "$BUILD_USER has no /etc/subuid or /etc/subgid range (needed by --fakeroot)"
+        # --fakeroot mounts the user's home; it lives under /var/tmp, which a reboot may have emptied
+        home=$(getent passwd "$BUILD_USER" | cut -d: -f6)
+        [ -d "$home" ] || install -d -o "$BUILD_USER" -g "$(id -gn "$BUILD_USER")" "$home"
         runuser -u "$BUILD_USER" -- env HOME="$BUILD_DIR/home" PATH="$PATH:/usr/sbin:/sbin" "$@"
     else
         env HOME="$BUILD_DIR/home" "$@"
@@ -140,6 +143,11 @@ for name in "${IMAGES[@]}"; do
         mv -f "$work/$name.sif" "$cached"
         ln -f "$cached" "$sif" 2>/dev/null || cp "$cached" "$sif"
         log "$name: built $(basename "$sif") ($(du -h "$sif" | cut -f1)) in $(( $(date +%s) - start )) s"
+        # Images are GBs: keep only the newest build of each name, and no build leftovers.
+        for old in "$BUILD_DIR/images/$name"-*.sif "$HERE/$name"-*.sif; do
+            [ -e "$old" ] && [ "$(basename "$old")" != "$name-$hash.sif" ] && rm -f "$old" && log "removed the older $old"
+        done
+        rm -rf "${BUILD_DIR:?}/tmp/"* "$work"
     fi
     ln -sfn "$(basename "$sif")" "$HERE/$name.sif"
 done

@@ -6,6 +6,7 @@ missing, except where CNNBENCH_REQUIRE_TOOLS is set (CI sets it): there a missin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,17 @@ def run_python(code: str, env: dict | None = None, timeout: float = 600):
                             timeout=timeout)
     assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def removed_unless_failed(request, path: Path):
+    """Yield ``path`` for a module-scoped fixture; remove it at teardown unless a test of the session
+    failed meanwhile (then it stays for debugging). Module fixtures hold whole workflow runs (GBs of
+    models); without this they would pile up under pytest's basetemp until the session ends."""
+    failed_before = request.session.testsfailed
+    yield path  # an exception raised in the fixture propagates from here and keeps the directory
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 DEFAULT_HPARAMS = {

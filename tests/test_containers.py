@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cnnbench.metrics import load_metrics
-from conftest import REPO, require_tool, skip_or_fail
+from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
 
 IMAGES = {"torch": REPO / "containers" / "torch.sif", "keras": REPO / "containers" / "tensorflow.sif"}
 DEMO_VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
@@ -43,11 +43,11 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def container_demo(images, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("container-demo")
-    code, output = snakemake(workdir, "--use-singularity", "--cores", "1", "--resources", "gpu=1")
-    assert code == 0, output[-8000:]
-    return workdir, output
+def container_demo(images, request, tmp_path_factory):
+    with removed_unless_failed(request, tmp_path_factory.mktemp("container-demo")) as workdir:
+        code, output = snakemake(workdir, "--use-singularity", "--cores", "1", "--resources", "gpu=1")
+        assert code == 0, output[-8000:]
+        yield workdir, output
 
 
 def test_container_demo_produces_every_output(container_demo):

@@ -9,7 +9,7 @@ import pytest
 
 from cnnbench.config import VALID_VARIANTS
 from cnnbench.metrics import load_metrics
-from conftest import REPO, run_python
+from conftest import REPO, removed_unless_failed, run_python
 from test_workflow import job_counts, snakemake
 
 SEEDS = (0, 1, 2)
@@ -24,10 +24,10 @@ def grid(workdir, *args):
 
 
 @pytest.fixture(scope="module")
-def grid_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("grid")
-    (workdir / "ci-cut.yaml").write_text(CI_CUT)
-    return workdir, grid(workdir)
+def grid_run(request, tmp_path_factory):
+    with removed_unless_failed(request, tmp_path_factory.mktemp("grid")) as workdir:
+        (workdir / "ci-cut.yaml").write_text(CI_CUT)
+        yield workdir, grid(workdir)
 
 
 def test_every_variant_and_seed_trained(grid_run):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, require_tool, skip_or_fail
+from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
 
 PROFILE = REPO / "profiles" / "slurm"
 VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
@@ -97,8 +97,12 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slurm").resolve()
+def slurm_run(cluster, request, tmp_path_factory):
+    with removed_unless_failed(request, tmp_path_factory.mktemp("slurm").resolve()) as workdir:
+        yield from _slurm_run(workdir)
+
+
+def _slurm_run(workdir: Path):
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     # smaller than the demo: the four trainings share the node's one (stand-in) GPU, one after another
     config["data"]["val_size"] = 20

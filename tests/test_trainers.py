@@ -41,6 +41,18 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
     assert "epoch 2/2" in result.stderr and "img/s" in result.stderr  # progress in the log
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_keras_trainer_runs_on_the_other_backends(backend, tiny_dataset, tmp_path):
+    # The lent GPU machine has JAX and torch but no TensorFlow: the Keras variants run there on these.
+    result = train("keras", "keras-alexnet-scratch", tiny_dataset, tmp_path, extra=("--keras-backend", backend))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    validate_metrics(metrics)
+    assert metrics["environment"]["keras_backend"] == backend
+    assert f", {backend} " in metrics["environment"]["framework_version"]
+    assert len(metrics["history"]) == 1 and sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
+    assert (tmp_path / "model.keras").stat().st_size > 1_000_000 and "epoch 1/1" in result.stderr
+
+
 @pytest.mark.parametrize("framework, model, weights_name", [
     ("torch", "alexnet", "alexnet-owt-7be5be79.pth"),
     ("keras", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),

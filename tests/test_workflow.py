@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cnnbench.metrics import load_metrics
-from conftest import REPO
+from conftest import REPO, removed_unless_failed
 
 DEMO_VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
                  "keras-vgg16-pretrained"]
@@ -36,10 +36,9 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    output = snakemake(workdir)
-    return workdir, output
+def demo_run(request, tmp_path_factory):
+    with removed_unless_failed(request, tmp_path_factory.mktemp("demo")) as workdir:
+        yield workdir, snakemake(workdir)
 
 
 def test_demo_produces_every_output(demo_run):
