@@ -22,7 +22,12 @@ from .training import EXIT_PREEMPTED, StopRequested, TrainingError
 def import_keras(backend: str):
     """Import Keras on ``backend``; Keras reads KERAS_BACKEND once, at its first import."""
     os.environ["KERAS_BACKEND"] = backend
-    import keras
+    try:
+        import keras
+    except ImportError as err:
+        raise TrainingError(f"Keras cannot start on the {backend} backend ({err}): install {backend} where the "
+                            "Keras trainer runs (the tensorflow image holds TensorFlow only), or set "
+                            "keras_backend: tensorflow in the config.") from err
 
     if keras.backend.backend() != backend:
         raise TrainingError(f"Keras is already running on {keras.backend.backend()}, not {backend}")
