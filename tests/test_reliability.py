@@ -82,6 +82,7 @@ def reference_runs(demo_dataset, tmp_path_factory):
                        env=package_env())
         runs[framework] = json.loads((run_dir / "metrics.json").read_text())
         shutil.rmtree(run_dir)  # only the metrics are compared
+    return runs
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
