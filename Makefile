@@ -21,7 +21,7 @@ demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --configfile config/demo.yaml --cores $(CORES)
 
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -ra --durations=30 tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -raP --durations=30 tests
 
 lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
