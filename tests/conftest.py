@@ -43,11 +43,18 @@ def package_env(extra: dict | None = None) -> dict:
     return {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "TF_CPP_MIN_LOG_LEVEL": "2", **(extra or {})}
 
 
-def run_module(module: str, *args, env: dict | None = None, check: bool = True, timeout: float = 900):
-    """Run ``python -m cnnbench.<module>`` in its own process (one framework per process)."""
+def run_module(module: str, *args, env: dict | None = None, check: bool = True, timeout: float = 900,
+               prelude: str | None = None):
+    """Run ``python -m cnnbench.<module>`` in its own process (one framework per process); with
+    ``prelude``, that code runs first in the same interpreter, then the module as ``__main__``."""
     full_env = package_env(env)
-    result = subprocess.run([sys.executable, "-m", f"cnnbench.{module}", *map(str, args)],
-                            capture_output=True, text=True, env=full_env, timeout=timeout)
+    if prelude is None:
+        command = [sys.executable, "-m", f"cnnbench.{module}"]
+    else:
+        command = [sys.executable, "-c", f"{prelude}\nimport runpy\n"
+                   f"runpy.run_module('cnnbench.{module}', run_name='__main__', alter_sys=True)"]
+    result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=full_env,
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"cnnbench.{module} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import validate_metrics
-from conftest import DEFAULT_HPARAMS, package_env, run_module
+from conftest import DEFAULT_HPARAMS, run_module
 
 MODEL_SUFFIX = {"torch": "model.pt", "keras": "model.keras"}
 
 
-def train(framework, variant, data, run_dir, hparams=None, extra=(), check=True):
+def train(framework, variant, data, run_dir, hparams=None, extra=(), check=True, prelude=None):
     hp = {**DEFAULT_HPARAMS, **(hparams or {})}
     return run_module(
         f"{framework}_trainer", "--variant", variant, "--seed", 0, "--data", data, "--hparams", json.dumps(hp),
         "--run-dir", run_dir, "--metrics", run_dir / "metrics.json", "--model-out", run_dir / MODEL_SUFFIX[framework],
-        *extra, check=check)
+        *extra, check=check, prelude=prelude)
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
@@ -43,10 +41,10 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
     assert "epoch 2/2" in result.stderr and "img/s" in result.stderr  # progress in the log
 
 
-# `python -c` this with the trainer's arguments: the Keras trainer with TensorFlow unimportable, as on
-# the lent GPU machine, which has JAX and torch but no TensorFlow.
+# Run before the Keras trainer: TensorFlow unimportable, as on the lent GPU machine, which has JAX and
+# torch but no TensorFlow.
 WITHOUT_TENSORFLOW = """
-import runpy, sys
+import sys
 
 class Without:  # a finder that never finds tensorflow: as if it were not installed
     def __init__(self, finder):
@@ -57,19 +55,13 @@ class Without:  # a finder that never finds tensorflow: as if it were not instal
         return getattr(self.finder, attr)
 
 sys.meta_path[:] = [Without(finder) for finder in sys.meta_path]
-runpy.run_module("cnnbench.keras_trainer", run_name="__main__", alter_sys=True)
 """
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_keras_trainer_runs_on_the_other_backends_without_tensorflow(backend, tiny_dataset, tmp_path):
-    hp = json.dumps(DEFAULT_HPARAMS)
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TENSORFLOW, "--keras-backend", backend, "--variant", "keras-alexnet-scratch",
-         "--seed", "0", "--data", str(tiny_dataset), "--hparams", hp, "--run-dir", str(tmp_path),
-         "--metrics", str(tmp_path / "metrics.json"), "--model-out", str(tmp_path / "model.keras")],
-        capture_output=True, text=True, env=package_env(), timeout=900)
-    assert result.returncode == 0, result.stderr[-5000:]
+    result = train("keras", "keras-alexnet-scratch", tiny_dataset, tmp_path, extra=("--keras-backend", backend),
+                   prelude=WITHOUT_TENSORFLOW)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     validate_metrics(metrics)
     assert metrics["environment"]["keras_backend"] == backend
