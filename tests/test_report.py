@@ -129,3 +129,24 @@ def test_bad_metrics_file_writes_nothing(tmp_path, metrics_files, capsys):
     assert code == 1
     assert "'test' is a required property" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_comparison_across_devices_is_flagged_in_the_table(tmp_path):
+    files = []
+    for seed in (0, 1):
+        on_gpu = make_metrics("torch-alexnet-scratch", seed, test_accuracy=0.5)
+        on_gpu["environment"].update(device="cuda", device_name="NVIDIA H200")
+        files.append(write_metrics(tmp_path, on_gpu))
+        files.append(write_metrics(tmp_path, make_metrics("keras-alexnet-scratch", seed, test_accuracy=0.4)))
+        files.append(write_metrics(tmp_path, make_metrics("keras-alexnet-pretrained", seed, test_accuracy=0.6)))
+    code, out = run_report(tmp_path, files)
+    assert code == 0
+    differences = pd.read_csv(out / "paired_differences.csv").set_index("comparison")
+    mixed = differences.loc["torch - keras (alexnet scratch)"]
+    assert bool(mixed["mixed_devices"]) and (mixed["devices_a"], mixed["devices_b"]) == ("NVIDIA H200", "cpu")
+    same = differences.loc["pretrained - scratch (keras alexnet)"]
+    assert not same["mixed_devices"] and same["devices_a"] == same["devices_b"] == "cpu"
+    rows = {line.split("|")[1].strip(): line for line in (out / "summary.md").read_text().splitlines()
+            if line.startswith("| torch - keras") or line.startswith("| pretrained - scratch")}
+    assert "MIXED, not comparable: a on NVIDIA H200, b on cpu" in rows["torch - keras (alexnet scratch)"]
+    assert "MIXED" not in rows["pretrained - scratch (keras alexnet)"]

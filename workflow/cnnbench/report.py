@@ -94,6 +94,19 @@ def comparisons(variants: set[str]) -> list[tuple[str, str, str]]:
     return [pair for pair in pairs if pair[1] in variants and pair[2] in variants]
 
 
+def device_check(devices_a, devices_b) -> dict:
+    """The devices each side of a comparison ran on; ``mixed_devices`` when they differ (then the
+    comparison is between machines, not between variants)."""
+    a, b = sorted(set(devices_a)), sorted(set(devices_b))
+    return {"devices_a": ", ".join(a), "devices_b": ", ".join(b), "mixed_devices": a != b}
+
+
+def _devices_cell(row) -> str:
+    if row.mixed_devices:
+        return f"MIXED, not comparable: a on {row.devices_a}, b on {row.devices_b}"
+    return row.devices_a
+
+
 def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
     """Differences between two variants over the seeds both ran (paired by seed)."""
     rows = []
@@ -102,11 +115,12 @@ def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
         if paired.empty:
             continue
         row = {"comparison": question, "a": first, "b": second, "paired_seeds": len(paired)}
+        row.update(device_check(paired["device_a"], paired["device_b"]))
         for column in ("test_accuracy", "train_seconds"):
             stats = mean_interval(paired[f"{column}_a"] - paired[f"{column}_b"])
             row.update({f"{column}_diff_{k}": v for k, v in stats.items() if k != "n"})
         rows.append(row)
-    columns = ["comparison", "a", "b", "paired_seeds"] + [
+    columns = ["comparison", "a", "b", "paired_seeds", "devices_a", "devices_b", "mixed_devices"] + [
         f"{c}_diff_{k}" for c in ("test_accuracy", "train_seconds") for k in ("mean", "std", "ci_low", "ci_high")]
     return pd.DataFrame(rows, columns=columns)
 
@@ -138,6 +152,7 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "train s difference [95% CI]": [
             _interval(r.train_seconds_diff_mean, r.train_seconds_diff_ci_low, r.train_seconds_diff_ci_high)
             for r in differences.itertuples()],
+        "devices": [_devices_cell(r) for r in differences.itertuples()],
     })
     shown = runs.drop(columns=["weights", "data"]).rename(columns={
         "best_val_accuracy": "best val acc", "test_accuracy": "test acc", "train_seconds": "train s",
