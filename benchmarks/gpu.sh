@@ -6,8 +6,9 @@
 #   benchmarks/gpu.sh [path/to/cifar10-jpeg.tar.xz]
 #
 # Calls the trainers directly (the lent GPU machine has torch and JAX but neither Snakemake nor
-# TensorFlow: Keras runs on KERAS_BACKEND, default jax there). Settings for a tiny CPU check:
-#   EPOCHS=1 IMAGE_SIZE=64 TRAIN_LIMIT=640 TEST_LIMIT=200 VAL_SIZE=100 KERAS_BACKEND=tensorflow benchmarks/gpu.sh
+# TensorFlow: Keras runs on KERAS_BACKEND, default jax there). tests/test_benchmarks.py rehearses it on
+# the CPU in a tiny setting (a small generated archive, Keras on jax):
+#   EPOCHS=1 IMAGE_SIZE=64 VAL_SIZE=20 WORK=/tmp/x OUT_DIR=/tmp/x benchmarks/gpu.sh archive.tar.xz
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ARCHIVE="${1:-$ROOT/../shared/data/cifar10-jpeg.tar.xz}"

@@ -2,9 +2,11 @@
 
 Prepares ../shared/data/cifar10-jpeg.tar.xz (all 60,000 images; cached in --work), then runs the
 torch trainer (or --framework keras) for --steps steps at 224x224 and reads the child's peak RSS.
-Target: under 4 GB. Writes benchmarks/results/memory-<date>-<framework>.json.
+Target: under 4 GB. Writes benchmarks/results/memory-<date>-<framework>.json, with the command line.
+The committed results came from:
 
-    python benchmarks/memory.py --steps 200
+    python benchmarks/memory.py --steps 50
+    python benchmarks/memory.py --steps 50 --framework keras
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -33,7 +36,7 @@ def main() -> int:
     parser.add_argument("--archive", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnbench-memory"))
     parser.add_argument("--framework", choices=["torch", "keras"], default="torch")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -59,7 +62,8 @@ def main() -> int:
     report = {"benchmark": "memory", "date": date.today().isoformat(), "machine": machine(),
               "variant": variant, "image_size": args.image_size, "steps": args.steps,
               "train_images": metrics["data"]["train_size"], "peak_rss_bytes": peak, "target_bytes": 4 * 10**9,
-              "wall_seconds": time.perf_counter() - start, "device": metrics["environment"]["device"]}
+              "wall_seconds": time.perf_counter() - start, "device": metrics["environment"]["device"],
+              "command": shlex.join(["python", *sys.argv])}
     out = args.out or ROOT / "benchmarks" / "results" / f"memory-{report['date']}-{args.framework}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{variant}: peak RSS {peak / 1e9:.2f} GB over {args.steps} steps on {report['train_images']} "

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def main() -> int:
     report = {"benchmark": "pipeline_overhead", "date": date.today().isoformat(), "machine": machine(),
               "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
               "precision": args.precision, "keras_backend": args.keras_backend, "target": 0.90,
-              "pipeline_ratio": {v: r["pipeline_ratio"] for v, r in results.items()}, "variants": results}
+              "pipeline_ratio": {v: r["pipeline_ratio"] for v, r in results.items()}, "variants": results,
+              "command": shlex.join(["python", *sys.argv])}
     out = args.out or ROOT / "benchmarks" / "results" / f"pipeline_overhead-{report['date']}-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
