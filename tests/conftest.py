@@ -97,3 +97,37 @@ def tiny_dataset(tmp_path_factory) -> Path:
     prepare({"source": "synthetic", "val_size": 20, "split_seed": 0,
              "synthetic": {"train_per_class": 6, "test_per_class": 3, "image_size": 32, "seed": 0}}, path)
     return path
+
+
+# What a user's checkout holds, linked into a temporary directory: README commands run there as
+# written (relative paths, `make`, the workflow profile), writing results/ and resources/ beside them.
+CHECKOUT_ENTRIES = ("Snakefile", "workflow", "config", "profiles", "containers", "Makefile", "requirements.txt",
+                    ".venv")
+
+
+def linked_checkout(directory: Path) -> Path:
+    if not (REPO / ".venv" / "bin" / "snakemake").exists():
+        skip_or_fail(f"{REPO / '.venv'} does not exist: README commands run in the venv `make venv` creates")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in CHECKOUT_ENTRIES:
+        (directory / name).symlink_to(REPO / name)
+    return directory
+
+
+def run_in_checkout(checkout: Path, command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``command`` through bash in ``checkout``, with the venv's tools first on PATH (as after
+    `source .venv/bin/activate`)."""
+    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(["bash", "-c", command], cwd=checkout, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_checkout(request, tmp_path_factory):
+    """`make demo`, exactly as the README says, in a linked checkout (shared by the tests that need
+    the demo's results)."""
+    with removed_unless_failed(request, tmp_path_factory.mktemp("demo-checkout")) as directory:
+        checkout = linked_checkout(directory / "cnnbench")
+        result = run_in_checkout(checkout, "make demo", timeout=1800)
+        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+        yield checkout, result.stdout + result.stderr

@@ -1,0 +1,87 @@
+"""README.md is a contract: every `snakemake …` and `make …` command in it runs here as written.
+
+Each command runs in a linked checkout (tests/conftest.py: the repository's files linked into a
+temporary directory), from its root, with the venv first on PATH. Commands that would train for hours
+run as a dry run (`-n` appended); cheap ones run for real; `make test` and `make containers` are what
+CI's `.ci/run` itself runs. A command added to the README without a check here fails the test.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from conftest import REPO, linked_checkout, require_tool, run_in_checkout, skip_or_fail
+
+DRY, REAL, CI, DEMO, AFTER_DEMO = "dry run", "real", "run by .ci/run", "make demo", "real, over the demo results"
+CHECKS = {
+    "make demo": DEMO,
+    "make test": CI,
+    "make containers": CI,
+    "snakemake --use-singularity --cores 1 --resources gpu=1": DRY,
+    "snakemake --cores all": DRY,
+    "snakemake --configfile config/full.yaml --use-singularity --cores 1 --resources gpu=1": DRY,
+    "snakemake --configfile config/full.yaml --report results/report.html": AFTER_DEMO,
+    "snakemake --cores all results/runs/torch-alexnet-scratch/seed0/metrics.json": DRY,
+    "snakemake --profile profiles/slurm": DRY,
+    "snakemake --profile profiles/slurm --use-singularity": DRY,
+}
+
+
+def readme_commands() -> set[str]:
+    """`snakemake`/`make` lines of the README's bash blocks (comments dropped) and inline commands."""
+    text = (REPO / "README.md").read_text()
+    commands = set()
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
+        for line in block.splitlines():
+            command = line.split(" #", 1)[0].strip()
+            if re.match(r"(snakemake|make)( |$)", command):
+                commands.add(command)
+    commands.update(re.findall(r"`((?:snakemake|make) [^`]*)`", text))
+    return commands
+
+
+def test_every_readme_command_has_a_check():
+    assert readme_commands() == set(CHECKS), "README commands and tests/test_readme.py's CHECKS differ"
+
+
+def needs_images(command: str) -> None:
+    if "--use-singularity" in command:
+        require_tool("apptainer")
+        for image in ("torch.sif", "tensorflow.sif"):
+            if not (REPO / "containers" / image).exists():
+                skip_or_fail(f"containers/{image} does not exist: build the images with `make containers`")
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == DRY])
+def test_training_commands_dry_run(command, tmp_path):
+    needs_images(command)
+    checkout = linked_checkout(tmp_path / "cnnbench")
+    result = run_in_checkout(checkout, f"{command} -n")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "This was a dry-run" in output
+    assert re.search(r"^train_(torch|keras)\s+\d+$", output, re.M), output[-3000:]  # it would train
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == CI])
+def test_ci_runs_the_command(command):
+    ci_script = (REPO / ".ci" / "run").read_text()
+    assert re.search(rf"^(timed )?{re.escape(command)}( |$)", ci_script, re.M), f".ci/run does not run {command}"
+
+
+def test_make_demo_runs(demo_checkout):
+    checkout, output = demo_checkout
+    assert "snakemake --configfile config/demo.yaml --cores all" in output  # the recipe the README describes
+    assert (checkout / "results" / "summary.md").exists()
+
+
+def test_report_command_over_the_demo_results(demo_checkout):
+    checkout, _ = demo_checkout
+    command = next(c for c, how in CHECKS.items() if how == AFTER_DEMO)
+    result = run_in_checkout(checkout, command)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    html = (checkout / "results" / "report.html").read_text()
+    assert "learning_curves.png" in html
