@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from cnnbench.config import VALID_VARIANTS
+from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
+from cnnbench.weights import PORTED_SUFFIX
 from conftest import REPO, removed_unless_failed, run_python
 from test_workflow import job_counts, snakemake
 
 SEEDS = (0, 1, 2)
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The demo's synthetic data and settings under the full grid's variants and seeds, cut to one epoch
 # on 10 images per class so that 24 trainings (12 of them VGG16) fit in CI's time on 2 cores.
 CI_CUT = "data:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\n"
@@ -45,35 +51,75 @@ def test_every_variant_and_seed_trained(grid_run):
             assert (metrics["variant"], metrics["seed"]) == (variant, seed)
 
 
-def test_identical_starting_weights_across_frameworks(grid_run):
+def logits_of(framework: str, model: str, weights: Path, images: Path) -> np.ndarray:
+    """1000-class ImageNet logits of ``weights`` on ``images`` (uint8), in ``framework``'s own process."""
+    out = images.parent / f"{framework}-{model}-logits.npy"
+    if framework == "torch":
+        code = f"""
+import torch, torchvision
+from cnnbench.torch_trainer import Preprocess
+model = getattr(torchvision.models, {model!r})()
+model.load_state_dict(torch.load({str(weights)!r}, weights_only=True))
+with torch.no_grad():
+    x = Preprocess(64, {MEAN}, {STD}, torch.device("cpu"))(torch.from_numpy(np.load({str(images)!r})))
+    np.save({str(out)!r}, model.eval()(x).numpy())
+"""
+    else:
+        code = f"""
+from cnnbench.keras_models import build_model
+model = build_model({model!r}, 1000, 64, {MEAN}, {STD}, weights={str(weights)!r})
+np.save({str(out)!r}, model.predict(np.load({str(images)!r}), verbose=0))
+"""
+    run_python("import json, numpy as np\n" + code + "print(json.dumps(None))")
+    return np.load(out)
+
+
+def test_keras_runs_start_from_the_torch_runs_weights(grid_run, tmp_path):
+    """Each keras-*-pretrained run loaded the port of the very file its torch twin loaded (by the
+    sha256 both runs recorded), and that port gives the torch file's logits in Keras."""
     workdir, _ = grid_run
     weights = workdir / "resources" / "weights" / "standin"
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8))
     for model, stem in (("alexnet", "alexnet-owt-7be5be79"), ("vgg16", "vgg16-397923af")):
-        runs = {fw: load_metrics(workdir / "results" / "runs" / f"{fw}-{model}-pretrained" / "seed0" / "metrics.json")
-                for fw in ("torch", "keras")}
-        assert runs["torch"]["weights"]["source"] == runs["keras"]["weights"]["source"] == "standin"
-        # The Keras variant loads the torch variant's file, ported: every layer but the head matches.
-        same = run_python(f"""
-import json, numpy as np, torch
-from cnnbench.port import torch_to_keras
-state = {{k: v.numpy() for k, v in torch.load({str(weights / (stem + ".pth"))!r}, weights_only=True).items()}}
-ported = np.load({str(weights / (stem + ".keras.npz"))!r})
-expected = torch_to_keras({model!r}, state)
-print(json.dumps(all(np.array_equal(ported[k], v) for k, v in expected.items()) and len(ported.files) == len(expected)))
-""")
-        assert same is True
+        torch_file, keras_file = weights / f"{stem}.pth", weights / f"{stem}{PORTED_SUFFIX}"
+        for seed in SEEDS:
+            runs = {fw: load_metrics(workdir / "results" / "runs" / f"{fw}-{model}-pretrained" / f"seed{seed}"
+                                     / "metrics.json") for fw in ("torch", "keras")}
+            assert runs["torch"]["weights"] == {"source": "standin", "sha256": file_digest(torch_file)}
+            assert runs["keras"]["weights"] == {"source": "standin", "sha256": file_digest(keras_file)}
+        torch_logits = logits_of("torch", model, torch_file, images)
+        keras_logits = logits_of("keras", model, keras_file, images)
+        assert np.abs(torch_logits - keras_logits).max() < 1e-4 * max(1.0, np.abs(torch_logits).max()), model
+        assert torch_logits.std() > 0 and np.ptp(torch_logits, axis=0).max() > 0  # not a constant output
+
+
+def recomputed(values: pd.Series) -> tuple[float, float, float, float]:
+    """Mean, sample std and 95% t-interval of ``values``, by scipy alone."""
+    mean, sem = values.mean(), stats.sem(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
+    return mean, values.std(ddof=1), low, high
 
 
 def test_statistics_and_paired_differences(grid_run):
     workdir, _ = grid_run
-    stats = pd.read_csv(workdir / "results" / "variant_stats.csv")
-    assert sorted(stats["variant"]) == sorted(VALID_VARIANTS)
-    assert (stats["seeds"] == 3).all()
-    assert (stats["test_accuracy_ci_low"] <= stats["test_accuracy_mean"]).all()
-    assert (stats["test_accuracy_mean"] <= stats["test_accuracy_ci_high"]).all()
+    runs = pd.read_csv(workdir / "results" / "summary.csv")
+    variant_stats = pd.read_csv(workdir / "results" / "variant_stats.csv").set_index("variant")
+    assert sorted(variant_stats.index) == sorted(VALID_VARIANTS)
+    assert (variant_stats["seeds"] == 3).all()
+    for variant, group in runs.groupby("variant"):
+        for column in ("test_accuracy", "train_seconds"):
+            expected = recomputed(group[column])
+            got = variant_stats.loc[variant, [f"{column}_{k}" for k in ("mean", "std", "ci_low", "ci_high")]]
+            np.testing.assert_allclose(got.to_numpy(float), expected, rtol=1e-9, err_msg=f"{variant} {column}")
     differences = pd.read_csv(workdir / "results" / "paired_differences.csv")
     assert len(differences) == 8 and (differences["paired_seeds"] == 3).all()
-    assert differences["test_accuracy_diff_ci_low"].notna().all()
+    by_seed = runs.set_index(["variant", "seed"])
+    for row in differences.itertuples():
+        diff = by_seed.loc[row.a, "test_accuracy"] - by_seed.loc[row.b, "test_accuracy"]  # aligned on seed
+        expected = recomputed(diff)
+        got = [getattr(row, f"test_accuracy_diff_{k}") for k in ("mean", "std", "ci_low", "ci_high")]
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12, err_msg=row.comparison)
     for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png"):
         assert (workdir / "results" / name).stat().st_size > 10_000
 
