@@ -158,7 +158,9 @@ def run(args: training.RunArgs) -> dict:
     history = load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
     # Checkpoints and the saved model hold the plain module's state; the compiled one only trains.
     network = model
-    if use_compile(hp, device):
+    compiled = use_compile(hp, device)
+    if compiled:
+        print(f"compiling the model with torch.compile (compile: {hp['compile']})", file=sys.stderr, flush=True)
         model = torch.compile(model)
 
     def on_device(name, dtype=None):
@@ -193,7 +195,7 @@ def run(args: training.RunArgs) -> dict:
         torch.save(network.state_dict(), tmp)
     env = training.environment(
         device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch.__version__, args.container)
+        torch.__version__, args.container, compiled=compiled)
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
                                      env)
