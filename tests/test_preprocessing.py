@@ -11,10 +11,14 @@ import json
 
 import numpy as np
 import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
+from cnnbench.config import resolve_hparams
 from cnnbench.training import parse_args
-from cnnbench.weights import PRETRAINED, PORTED_SUFFIX, resolve_preprocessing
-from conftest import DEFAULT_HPARAMS, run_python
+from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, resolve_preprocessing
+from conftest import DEFAULT_HPARAMS, REPO, run_python
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 KERAS_VGG16_FILE = PRETRAINED[("keras", "vgg16")].filename
@@ -132,3 +136,17 @@ def test_unknown_preprocessing_is_rejected_with_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         trainer_args(tmp_path, "torch-alexnet-pretrained", "alexnet-owt-7be5be79.pth", "bgr")
     assert "use auto, imagenet or caffe" in capsys.readouterr().err
+
+
+def test_config_default_is_auto_and_a_variant_can_choose_the_references_imagenet():
+    schema = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["variant_overrides"] = {"keras-vgg16-pretrained": {"preprocessing": "imagenet"}}
+    validate(config, schema)
+    assert resolve_hparams(config, "keras-vgg16-pretrained")["preprocessing"] == "imagenet"
+    assert resolve_hparams(config, "torch-alexnet-pretrained")["preprocessing"] == "auto"
+    defaults = {}
+    validate(defaults, schema)
+    assert defaults["train"]["preprocessing"] == "auto"
+    with pytest.raises(WorkflowError, match="bgr"):
+        validate({"train": {"preprocessing": "bgr"}}, schema)
