@@ -29,7 +29,7 @@ echo "gpu.sh: data and weights ready after $(( $(date +%s) - start )) s"
 hparams() {  # the default config's settings; lr 0.001 for fine-tuning
   echo "{\"epochs\": $EPOCHS, \"batch_size\": 64, \"eval_batch_size\": 512, \"optimizer\": \"sgd\", \"lr\": $1,
     \"momentum\": 0.9, \"nesterov\": false, \"weight_decay\": 0.0005, \"lr_schedule\": \"constant\",
-    \"dropout\": 0.5, \"image_size\": $IMAGE_SIZE, \"mean\": [0.485, 0.456, 0.406],
+    \"dropout\": 0.5, \"image_size\": $IMAGE_SIZE, \"preprocessing\": \"auto\", \"mean\": [0.485, 0.456, 0.406],
     \"std\": [0.229, 0.224, 0.225], \"precision\": \"$PRECISION\", \"require_gpu\": false, \"compile\": \"auto\"}"
 }
 train() {  # variant lr model-file [weights]

@@ -83,8 +83,8 @@ def removed_unless_failed(request, path: Path):
 DEFAULT_HPARAMS = {
     "epochs": 1, "batch_size": 16, "eval_batch_size": 64, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
     "nesterov": False, "weight_decay": 0.0005, "lr_schedule": "constant", "dropout": 0.5, "image_size": 64,
-    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "precision": "fp32", "require_gpu": False,
-    "compile": "auto",
+    "preprocessing": "auto", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "precision": "fp32",
+    "require_gpu": False, "compile": "auto",
 }
 
 

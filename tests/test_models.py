@@ -106,3 +106,48 @@ def test_keras_alexnet_has_no_published_weights():
 from cnnbench.keras_models import build_model
 build_model("alexnet", 10, 64, [0.5] * 3, [0.25] * 3, weights="x.h5")
 """)
+
+
+HEAD_STATISTICS = """
+import json, numpy as np
+out = {}
+for name in ("alexnet", "vgg16"):
+    weight, bias = HEAD(name)
+    out[name] = {"std": float(weight.std()), "max_abs": float(np.abs(weight).max()), "fan_in": int(FAN_IN(weight)),
+                 "bias_max_abs": float(np.abs(bias).max())}
+print(json.dumps(out))
+"""
+TORCH_HEAD = """
+import torch
+from cnnbench.torch_models import build_model
+torch.manual_seed(0)
+def HEAD(name):
+    head = build_model(name, 10).classifier[-1]
+    return head.weight.detach().numpy(), head.bias.detach().numpy()
+FAN_IN = lambda weight: weight.shape[1]  # torch: (out, in)
+"""
+KERAS_HEAD = """
+import keras
+from cnnbench.keras_models import build_model
+keras.utils.set_random_seed(0)
+def HEAD(name):
+    kernel, bias = build_model(name, 10, 64, [0.5] * 3, [0.25] * 3).get_layer("head").get_weights()
+    return kernel, bias
+FAN_IN = lambda kernel: kernel.shape[0]  # keras: (in, out)
+"""
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_new_head_follows_torchvisions_init_rule(framework):
+    """VGG16: N(0, 0.01) weights and zero bias (torchvision's VGG rule); AlexNet: nn.Linear's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both (torchvision's AlexNet has no rule of its own)."""
+    heads = run_python((TORCH_HEAD if framework == "torch" else KERAS_HEAD) + HEAD_STATISTICS)
+    vgg, alexnet = heads["vgg16"], heads["alexnet"]
+    # 40,960 weights: the sample std's relative standard error is 1/sqrt(2n) = 0.35%, so 3% is ~8.5 of them.
+    assert vgg["std"] == pytest.approx(0.01, rel=0.03)
+    assert vgg["bias_max_abs"] == 0.0
+    bound = 1.0 / alexnet["fan_in"] ** 0.5
+    assert alexnet["fan_in"] == 4096
+    assert 0.99 * bound < alexnet["max_abs"] <= bound  # uniform up to the bound, not beyond
+    assert alexnet["std"] == pytest.approx(bound / 3**0.5, rel=0.03)  # a uniform's std
+    assert 0.0 < alexnet["bias_max_abs"] <= bound

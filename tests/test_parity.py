@@ -2,7 +2,7 @@
 
 The torchvision weights are ported to Keras (cnnbench.port); each framework runs in its own
 process; inputs go through each framework's own device-side preprocessing (uint8 -> resize ->
-normalise), so the whole path from the prepared images to the logits is compared.
+normalise, imagenet or caffe), so the whole path from the prepared images to the logits is compared.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ MAX_ABS_DIFF = 1e-4
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.mark.parametrize("model, image_size", [("alexnet", 224), ("alexnet", 96), ("vgg16", 224), ("vgg16", 64)])
-def test_same_weights_same_logits(model, image_size, tmp_path):
+@pytest.mark.parametrize("model, image_size, preprocessing", [
+    ("alexnet", 224, "imagenet"), ("alexnet", 96, "imagenet"), ("vgg16", 224, "imagenet"), ("vgg16", 64, "imagenet"),
+    ("vgg16", 64, "caffe"),
+])
+def test_same_weights_same_logits(model, image_size, preprocessing, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images)
     pth, npz = tmp_path / f"{model}.pth", tmp_path / f"{model}.keras.npz"
@@ -32,14 +35,15 @@ model.load_state_dict(torch.load({str(pth)!r}, weights_only=True))
 model.eval()
 images = torch.from_numpy(np.load({str(tmp_path / "images.npy")!r}))
 with torch.no_grad():
-    logits = model(Preprocess({image_size}, {MEAN}, {STD}, torch.device("cpu"))(images))
+    logits = model(Preprocess({image_size}, {MEAN}, {STD}, torch.device("cpu"), {preprocessing!r})(images))
 np.save({str(tmp_path / "torch.npy")!r}, logits.numpy())
 print(json.dumps({{}}))
 """)
     run_python(f"""
 import json, numpy as np
 from cnnbench.keras_models import build_model
-model = build_model({model!r}, 1000, {image_size}, {MEAN}, {STD}, weights={str(npz)!r})
+model = build_model({model!r}, 1000, {image_size}, {MEAN}, {STD}, weights={str(npz)!r},
+                    preprocessing_mode={preprocessing!r})
 logits = model.predict(np.load({str(tmp_path / "images.npy")!r}), verbose=0)
 np.save({str(tmp_path / "keras.npy")!r}, logits)
 print(json.dumps({{}}))
@@ -47,7 +51,7 @@ print(json.dumps({{}}))
     torch_logits, keras_logits = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "keras.npy")
     assert torch_logits.shape == keras_logits.shape == (4, 1000)
     difference = np.abs(torch_logits - keras_logits).max()
-    print(f"{model} at {image_size}: max |logit difference| {difference:.2e} "
+    print(f"{model} at {image_size}, {preprocessing}: max |logit difference| {difference:.2e} "
           f"(logits up to {np.abs(torch_logits).max():.2e})")
     assert difference < MAX_ABS_DIFF
     assert np.abs(torch_logits).max() > 100 * MAX_ABS_DIFF  # the comparison is not between zeros

@@ -8,7 +8,7 @@ import pytest
 
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import validate_metrics
-from conftest import DEFAULT_HPARAMS, run_module
+from conftest import DEFAULT_HPARAMS, run_module, run_python
 
 MODEL_SUFFIX = {"torch": "model.pt", "keras": "model.keras"}
 
@@ -70,11 +70,12 @@ def test_keras_trainer_runs_on_the_other_backends_without_tensorflow(backend, ti
     assert (tmp_path / "model.keras").stat().st_size > 1_000_000 and "epoch 1/1" in result.stderr
 
 
-@pytest.mark.parametrize("framework, model, weights_name", [
-    ("torch", "alexnet", "alexnet-owt-7be5be79.pth"),
-    ("keras", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+@pytest.mark.parametrize("framework, model, weights_name, preprocessing", [
+    ("torch", "alexnet", "alexnet-owt-7be5be79.pth", "imagenet"),
+    ("keras", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "caffe"),  # what Keras' file expects
 ])
-def test_pretrained_training_records_the_weights(framework, model, weights_name, tiny_dataset, tmp_path):
+def test_pretrained_training_records_the_weights(framework, model, weights_name, preprocessing, tiny_dataset,
+                                                 tmp_path):
     weights = tmp_path / weights_name
     run_module(f"{framework}_models", "standin", "--model", model, "--out", weights)
     train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path / "run",
@@ -82,6 +83,15 @@ def test_pretrained_training_records_the_weights(framework, model, weights_name,
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["weights"] == {"source": "standin", "sha256": file_digest(weights)}
     assert metrics["init"] == "pretrained"
+    assert metrics["config"]["preprocessing"] == preprocessing  # DEFAULT_HPARAMS ask for auto
+    if framework == "keras":  # the saved model reloads, its input transform included
+        layers = run_python(f"""
+import json, keras
+import cnnbench.keras_models  # registers the custom layers
+model = keras.saving.load_model({str(tmp_path / "run" / "model.keras")!r})
+print(json.dumps([layer.name for layer in model.layers]))
+""")
+        assert "rgb_to_bgr" in layers
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])

@@ -17,6 +17,7 @@ import keras
 from keras import layers
 
 from .fileio import atomic_path
+from .weights import input_transform
 
 # (filters, convs) per VGG16 block, with keras.applications' layer names block{b}_conv{c}.
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -70,12 +71,23 @@ def _torch_default_init(fan_in: int):
             keras.initializers.RandomUniform(-bound, bound))
 
 
-def preprocessing(inputs, image_size: int, mean, std):
-    """uint8 -> float32 resized (bilinear, half-pixel like torch) and ImageNet-normalised."""
+@keras.saving.register_keras_serializable(package="cnnbench")
+class ReverseChannels(layers.Layer):
+    """RGB -> BGR (and back): the channel order Keras' published VGG16 weights were trained on."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=-1)
+
+
+def preprocessing(inputs, image_size: int, mean, std, mode: str = "imagenet"):
+    """uint8 RGB -> float32 resized (bilinear, half-pixel like torch), then transformed as ``mode`` says:
+    ``imagenet`` (/255, ``mean``/``std``) or ``caffe`` (BGR, minus Keras' VGG16 means), see
+    ``weights.input_transform``."""
+    reverse_channels, scale, offset = input_transform(mode, mean, std)
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
     x = layers.Resizing(image_size, image_size, interpolation="bilinear", dtype="float32", name="resize")(x)
-    scale = [1.0 / (255.0 * s) for s in std]
-    offset = [-m / s for m, s in zip(mean, std)]
+    if reverse_channels:
+        x = ReverseChannels(dtype="float32", name="rgb_to_bgr")(x)
     return layers.Rescaling(scale, offset, dtype="float32", name="normalize")(x)
 
 
@@ -130,12 +142,14 @@ def classifier(x, num_classes: int, dropout: float, model: str):
 
 
 def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout: float = 0.5,
-                input_shape=(32, 32, 3), weights: str | Path | None = None) -> keras.Model:
-    """The ``name`` network on uint8 ``input_shape`` images, with ``weights`` loaded where given."""
+                input_shape=(32, 32, 3), weights: str | Path | None = None,
+                preprocessing_mode: str = "imagenet") -> keras.Model:
+    """The ``name`` network on uint8 ``input_shape`` images, with ``weights`` loaded where given;
+    ``preprocessing_mode`` (imagenet or caffe) is the input transform inside the model."""
     weights = Path(weights) if weights is not None else None
     ported = weights is not None and weights.suffix == ".npz"
     inputs = keras.Input(input_shape, dtype="uint8", name="images")
-    x = preprocessing(inputs, image_size, mean, std)
+    x = preprocessing(inputs, image_size, mean, std, preprocessing_mode)
     if name == "alexnet":
         if weights is not None and not ported:
             raise ValueError("Keras AlexNet has no published ImageNet weights: port torchvision's "

@@ -127,7 +127,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
     model, history = checkpoint.load(keras)
     if model is None:
         model = build_model(args.model, len(class_names), hp["image_size"], hp["mean"], hp["std"],
-                            hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights)
+                            hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights,
+                            preprocessing_mode=hp["preprocessing"])
         model.compile(optimizer=make_optimizer(hp, steps_per_epoch=-(-len(y_train) // hp["batch_size"])),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"],

@@ -25,9 +25,19 @@ def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str 
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    head = model.classifier[-1]
-    model.classifier[-1] = nn.Linear(head.in_features, num_classes)
+    model.classifier[-1] = new_head(name, model.classifier[-1].in_features, num_classes)
     return model
+
+
+def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:
+    """The new last layer, initialised by torchvision's rule for ``name`` (Keras' models use the same):
+    VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet has no
+    rule of its own, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) stays."""
+    head = nn.Linear(in_features, num_classes)
+    if name == "vgg16":
+        nn.init.normal_(head.weight, 0.0, 0.01)
+        nn.init.zeros_(head.bias)
+    return head
 
 
 def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:

@@ -19,6 +19,7 @@ from . import training
 from .fileio import atomic_path
 from .torch_models import build_model
 from .training import EXIT_PREEMPTED, StopRequested, TrainingError
+from .weights import input_transform
 
 
 class Preempted(Exception):
@@ -36,18 +37,21 @@ def select_device(require_gpu: bool) -> torch.device:
 
 
 class Preprocess:
-    """uint8 NHWC batch on the device -> normalised float NCHW (channels_last) at ``image_size``."""
+    """uint8 NHWC RGB batch on the device -> float NCHW (channels_last) at ``image_size``, transformed
+    as ``preprocessing`` says (``weights.input_transform``: imagenet or caffe)."""
 
-    def __init__(self, image_size: int, mean, std, device: torch.device):
+    def __init__(self, image_size: int, mean, std, device: torch.device, preprocessing: str = "imagenet"):
         self.size = image_size
-        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
+        self.reverse_channels, scale, offset = input_transform(preprocessing, mean, std)
+        self.scale = torch.tensor(scale, device=device).view(1, 3, 1, 1)
+        self.shift = torch.tensor(offset, device=device).view(1, 3, 1, 1)
 
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         x = images_uint8.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if self.reverse_channels:
+            x = x.flip(1)  # RGB -> BGR
         x = x * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last)
 
@@ -169,7 +173,7 @@ def run(args: training.RunArgs) -> dict:
     x_train, y_train = on_device("x_train"), on_device("y_train", torch.long)
     x_val, y_val = on_device("x_val"), on_device("y_val", torch.long)
     x_test, y_test = on_device("x_test"), on_device("y_test", torch.long)
-    preprocess = Preprocess(hp["image_size"], hp["mean"], hp["std"], device)
+    preprocess = Preprocess(hp["image_size"], hp["mean"], hp["std"], device, hp["preprocessing"])
 
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):

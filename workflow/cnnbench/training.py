@@ -26,7 +26,7 @@ from .config import ConfigError, parse_variant
 from .data import load_prepared
 from .fileio import file_digest, write_json_atomic
 from .metrics import SCHEMA_VERSION, validate_metrics
-from .weights import WeightsError, published_spec
+from .weights import WeightsError, published_spec, resolve_preprocessing
 from .weights import verify as verify_weights
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
@@ -100,6 +100,11 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
             verify_weights(args.weights, spec)
         except WeightsError as err:
             parser.exit(1, f"error: {err}\n")
+    # Resolved here, once for both trainers, so metrics["config"] records what the run really used.
+    try:
+        args.hparams["preprocessing"] = resolve_preprocessing(args.hparams.get("preprocessing", "auto"), args.weights)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 

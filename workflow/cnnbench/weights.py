@@ -26,6 +26,7 @@ class WeightsFile:
     url: str
     algorithm: str  # hash algorithm the publisher gives
     digest: str  # published digest, or its published prefix (torchvision puts 8 hex digits in the name)
+    preprocessing: str = "imagenet"  # the input the weights were trained on (see resolve_preprocessing)
 
 
 PRETRAINED = {
@@ -39,8 +40,11 @@ PRETRAINED = {
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "md5", "6d6bbae143d832006294945121d1f1fc"),
+        "md5", "6d6bbae143d832006294945121d1f1fc", preprocessing="caffe"),
 }
+
+# keras.applications.vgg16.preprocess_input ("caffe" mode): BGR order, these means off 0-255 values.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def weights_file(framework: str, model: str) -> WeightsFile:
@@ -72,6 +76,30 @@ def weights_path(weights_dir: str | Path, source: str, framework: str, model: st
 def published_spec(path: str | Path) -> WeightsFile | None:
     """The published file ``path`` is a copy of (by name), or None for a derived file."""
     return next((spec for spec in PRETRAINED.values() if spec.filename == Path(path).name), None)
+
+
+def resolve_preprocessing(requested: str, weights: str | Path | None) -> str:
+    """The input transform a run uses: ``requested``, or for ``auto`` the one ``weights`` were trained on.
+
+    ``imagenet`` (RGB / 255, normalised by ``mean``/``std``): torchvision's files, files ported from
+    them and scratch runs; ``caffe``: Keras' published VGG16 file (see ``CAFFE_BGR_MEAN``).
+    """
+    if requested not in ("auto", "imagenet", "caffe"):
+        raise ValueError(f"unknown preprocessing {requested!r}: use auto, imagenet or caffe")
+    if requested != "auto":
+        return requested
+    spec = published_spec(weights) if weights is not None else None
+    return spec.preprocessing if spec is not None else "imagenet"
+
+
+def input_transform(preprocessing: str, mean, std) -> tuple[bool, list[float], list[float]]:
+    """``(reverse_channels, scale, offset)``: a resized 0-255 RGB image becomes ``x * scale + offset``
+    per channel, after reversing the channel order (RGB -> BGR) where ``reverse_channels``."""
+    if preprocessing == "caffe":
+        return True, [1.0] * 3, [-m for m in CAFFE_BGR_MEAN]
+    if preprocessing == "imagenet":
+        return False, [1.0 / (255.0 * s) for s in std], [-m / s for m, s in zip(mean, std)]
+    raise ValueError(f"preprocessing {preprocessing!r} is not imagenet or caffe (resolve auto first)")
 
 
 def verify(path: str | Path, spec: WeightsFile, actual: str | None = None) -> None:
