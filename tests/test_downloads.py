@@ -126,9 +126,9 @@ def test_prepare_downloads_the_missing_cifar10_tarball(server, tmp_path):
     truth = make_cifar_tarball(tarball)
     server.files["cifar-10-python.tar.gz"] = tarball.read_bytes()
     dest = tmp_path / "resources" / "cifar-10-python.tar.gz"
+    md5 = hashlib.md5(tarball.read_bytes()).hexdigest()
     config = {"source": "cifar10", "val_size": 10, "split_seed": 0,
-              "cifar10": {"url": server.url("cifar-10-python.tar.gz"), "md5": hashlib.md5(tarball.read_bytes()).hexdigest(),
-                          "path": str(dest)}}
+              "cifar10": {"url": server.url("cifar-10-python.tar.gz"), "md5": md5, "path": str(dest)}}
     sizes = data.prepare(config, tmp_path / "prepared.npz")
     assert dest.read_bytes() == tarball.read_bytes()
     assert sizes == {"y_train": 90, "y_val": 10, "y_test": 20}
