@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from cnnbench.config import VALID_VARIANTS
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
 from conftest import REPO, removed_unless_failed, run_python
+from test_report import assert_statistics_recomputed
 from test_workflow import job_counts, snakemake
 
 SEEDS = (0, 1, 2)
@@ -94,32 +94,14 @@ def test_keras_runs_start_from_the_torch_runs_weights(grid_run, tmp_path):
         assert torch_logits.std() > 0 and np.ptp(torch_logits, axis=0).max() > 0  # not a constant output
 
 
-def recomputed(values: pd.Series) -> tuple[float, float, float, float]:
-    """Mean, sample std and 95% t-interval of ``values``, by scipy alone."""
-    mean, sem = values.mean(), stats.sem(values)
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
-    return mean, values.std(ddof=1), low, high
-
-
 def test_statistics_and_paired_differences(grid_run):
     workdir, _ = grid_run
-    runs = pd.read_csv(workdir / "results" / "summary.csv")
-    variant_stats = pd.read_csv(workdir / "results" / "variant_stats.csv").set_index("variant")
-    assert sorted(variant_stats.index) == sorted(VALID_VARIANTS)
-    assert (variant_stats["seeds"] == 3).all()
-    for variant, group in runs.groupby("variant"):
-        for column in ("test_accuracy", "train_seconds"):
-            expected = recomputed(group[column])
-            got = variant_stats.loc[variant, [f"{column}_{k}" for k in ("mean", "std", "ci_low", "ci_high")]]
-            np.testing.assert_allclose(got.to_numpy(float), expected, rtol=1e-9, err_msg=f"{variant} {column}")
+    stats = pd.read_csv(workdir / "results" / "variant_stats.csv")
+    assert sorted(stats["variant"]) == sorted(VALID_VARIANTS)
+    assert (stats["seeds"] == 3).all()
+    assert_statistics_recomputed(workdir / "results")  # means, stds, t-intervals against scipy.stats
     differences = pd.read_csv(workdir / "results" / "paired_differences.csv")
     assert len(differences) == 8 and (differences["paired_seeds"] == 3).all()
-    by_seed = runs.set_index(["variant", "seed"])
-    for row in differences.itertuples():
-        diff = by_seed.loc[row.a, "test_accuracy"] - by_seed.loc[row.b, "test_accuracy"]  # aligned on seed
-        expected = recomputed(diff)
-        got = [getattr(row, f"test_accuracy_diff_{k}") for k in ("mean", "std", "ci_low", "ci_high")]
-        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12, err_msg=row.comparison)
     for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png"):
         assert (workdir / "results" / name).stat().st_size > 10_000
 

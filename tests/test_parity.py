@@ -51,10 +51,14 @@ print(json.dumps({{}}))
     torch_logits, keras_logits = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "keras.npy")
     assert torch_logits.shape == keras_logits.shape == (4, 1000)
     difference = np.abs(torch_logits - keras_logits).max()
-    print(f"{model} at {image_size}, {preprocessing}: max |logit difference| {difference:.2e} "
-          f"(logits up to {np.abs(torch_logits).max():.2e})")
+    # Stand-in weights give logits of ~0.03, so a fixed floor guards nothing: the difference is weighed
+    # against the logits' own spread, overall and across the images (the input must reach the logits).
+    spread, across_images = torch_logits.std(), torch_logits.std(axis=0).mean()
+    print(f"{model} at {image_size}, {preprocessing}: max |logit difference| {difference:.2e}, "
+          f"logits' std {spread:.2e}, mean std across images {across_images:.2e}")
     assert difference < MAX_ABS_DIFF
-    assert np.abs(torch_logits).max() > 100 * MAX_ABS_DIFF  # the comparison is not between zeros
+    assert difference < 1e-3 * spread
+    assert difference < 1e-3 * across_images
 
 
 def test_port_rejects_a_foreign_state_dict(tmp_path):

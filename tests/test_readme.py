@@ -9,7 +9,6 @@ CI's `.ci/run` itself runs. A command added to the README without a check here f
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 

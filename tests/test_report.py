@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 from cnnbench import report
 from factories import make_metrics, write_metrics
@@ -34,6 +36,41 @@ def seeded_files(tmp_path):
         files.append(write_metrics(tmp_path, make_metrics("keras-alexnet-scratch", seed,
                                                           test_accuracy=keras_scratch)))
     return files
+
+
+def expected_statistics(values) -> dict:
+    """Mean, sample standard deviation and 95% t-interval, computed here with scipy.stats' own
+    functions rather than the report's."""
+    values = np.asarray(values, dtype=float)
+    if np.ptp(values) == 0:  # all seeds equal (the factories' fixed times): scipy's t takes no zero scale
+        return {"mean": values[0], "std": 0.0, "ci_low": values[0], "ci_high": values[0]}
+    mean = scipy_stats.tmean(values)
+    low, high = scipy_stats.t.interval(0.95, len(values) - 1, loc=mean, scale=scipy_stats.sem(values))
+    return {"mean": mean, "std": scipy_stats.tstd(values), "ci_low": low, "ci_high": high}
+
+
+def assert_statistics_recomputed(out_dir) -> None:
+    """variant_stats.csv and paired_differences.csv agree to 1e-9 with statistics recomputed from
+    summary.csv's per-run rows (variants with two seeds or more)."""
+    runs = pd.read_csv(out_dir / "summary.csv")
+    stats = pd.read_csv(out_dir / "variant_stats.csv").set_index("variant")
+    assert sorted(stats.index) == sorted(runs["variant"].unique())
+    for variant, group in runs.groupby("variant"):
+        assert stats.loc[variant, "seeds"] == len(group)
+        for column in ("test_accuracy", "train_seconds"):
+            for key, value in expected_statistics(group[column]).items():
+                assert stats.loc[variant, f"{column}_{key}"] == pytest.approx(value, rel=0, abs=1e-9), (variant, key)
+    differences = pd.read_csv(out_dir / "paired_differences.csv")
+    for row in differences.itertuples():
+        a = runs[runs.variant == row.a].set_index("seed")
+        b = runs[runs.variant == row.b].set_index("seed")
+        seeds = a.index.intersection(b.index)
+        assert row.paired_seeds == len(seeds)
+        for column in ("test_accuracy", "train_seconds"):
+            expected = expected_statistics(a.loc[seeds, column] - b.loc[seeds, column])
+            for key, value in expected.items():
+                actual = getattr(row, f"{column}_diff_{key}")
+                assert actual == pytest.approx(value, rel=0, abs=1e-9), (row.comparison, column, key)
 
 
 def run_report(tmp_path, files):
@@ -84,6 +121,7 @@ def test_statistics_over_seeds(tmp_path, seeded_files):
     assert gain["test_accuracy_diff_std"] == pytest.approx(0.05)
     framework = differences.loc["torch - keras (alexnet scratch)"]
     assert framework["test_accuracy_diff_mean"] == pytest.approx((0.1 + 0.05 + 0.15) / 3)
+    assert_statistics_recomputed(out)
 
     markdown = (out / "summary.md").read_text()
     assert "## Per variant" in markdown and "## Paired differences" in markdown and "## Per run" in markdown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import tempfile
@@ -44,12 +45,26 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 
 def stream_to_file(url: str, path: str | os.PathLike, algorithm: str, timeout: float = 60.0) -> str:
-    """Download ``url`` into ``path`` in 1 MiB blocks; return the hex digest of what was written."""
+    """Download ``url`` into ``path`` in 1 MiB blocks; return the hex digest of what was written.
+
+    A body shorter than its Content-Length raises ConnectionError (an OSError, as network failures are).
+    """
     digest = hashlib.new(algorithm)
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
-        for block in iter(lambda: response.read(1 << 20), b""):
-            digest.update(block)
-            out.write(block)
+    written = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+                written += len(block)
+            # read(n) returns b"" when the server closes early instead of raising IncompleteRead;
+            # an HTTP response's `length` is what its Content-Length announced and never came (file: URLs have none).
+            missing = getattr(response, "length", None)
+            if missing:
+                raise ConnectionError(f"the connection closed after {written} bytes, {missing} short of "
+                                      "the announced Content-Length: the download is truncated")
+    except http.client.HTTPException as err:
+        raise ConnectionError(f"{err!r}: the download is broken off or malformed") from err
     return digest.hexdigest()
 
 

@@ -51,6 +51,13 @@ def gpu_name(backend: str) -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def is_out_of_memory(err: Exception) -> bool:
+    """Each backend has its own error: TensorFlow's ResourceExhaustedError ("OOM when allocating tensor
+    ..."), JAX's JaxRuntimeError ("RESOURCE_EXHAUSTED: Out of memory ..."), torch's OutOfMemoryError."""
+    return (type(err).__name__ in ("ResourceExhaustedError", "OutOfMemoryError")
+            or "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower())
+
+
 def log_softmax_loss(logits: np.ndarray, labels: np.ndarray) -> float:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -162,8 +169,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
             history.append(record)
             training.log_epoch(record, hp["epochs"])
             checkpoint.save(model, history)
-    except Exception as err:  # each backend raises its own out-of-memory type
-        if "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower():
+    except Exception as err:
+        if is_out_of_memory(err):
             raise TrainingError(f"the GPU ran out of memory with batch_size={hp['batch_size']} "
                                 f"(eval_batch_size={hp['eval_batch_size']}) at image_size={hp['image_size']}: "
                                 "lower them for this variant in the config (variant_overrides).") from err
