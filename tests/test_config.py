@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +13,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from conftest import REPO
-from cnnbench.config import VALID_VARIANTS, ConfigError, parse_variant, resolve_hparams
+from cnnbench.config import (VALID_VARIANTS, ConfigError, check_known_keys, coerce_command_line, parse_variant,
+                              resolve_hparams)
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -84,12 +86,69 @@ def test_wrong_types_are_rejected(bad):
         validate(bad, SCHEMA)
 
 
-def dry_run(*config_args):
+def dry_run(*config_args, directory=None):
+    """A dry run of the demo with `--config` arguments; -p prints each job's command (its config)."""
+    where = ["--directory", str(directory)] if directory else []
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--configfile",
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), *where, "--configfile",
          str(REPO / "config" / "demo.yaml"), "--config", *config_args],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     return result.returncode, result.stdout + result.stderr
+
+
+def schema():
+    return yaml.safe_load(Path(SCHEMA).read_text())
+
+
+def test_command_line_values_are_typed_by_the_schema():
+    # What Snakemake's --config parser hands over for `train={epochs: 3, compile: on}` etc.
+    parsed = {"train": {"epochs": "3", "compile": "on", "mean": ["0.5", "0.5", "0.5"]}, "seeds": ["0", "1"],
+              "data": {"train_limit": "null", "val_size": "50"}, "weights": "standin",
+              "variant_overrides": {"keras-vgg16-pretrained": {"batch_size": "32", "nesterov": "true"}}}
+    assert coerce_command_line(parsed, schema()) == {
+        "train": {"epochs": 3, "compile": "on", "mean": [0.5, 0.5, 0.5]}, "seeds": [0, 1],
+        "data": {"train_limit": None, "val_size": 50}, "weights": "standin",
+        "variant_overrides": {"keras-vgg16-pretrained": {"batch_size": 32, "nesterov": True}}}
+    # A value that is still wrong stays as it was, for the schema to reject with its own message.
+    assert coerce_command_line({"train": {"epochs": "ten"}}, schema()) == {"train": {"epochs": "ten"}}
+
+
+@pytest.mark.parametrize("config, key, valid, hint", [
+    ({"epochs": 3}, "`epochs`", "at the top level are: containers, data,", "did you mean `train.epochs`"),
+    ({"data": {"synthetic": {"size": 8}}}, "`data.synthetic.size`", "in `data.synthetic` are: image_size,", None),
+    ({"variant_overrides": {"torch-alexnet-scratch": {"epoch": 1}}},
+     "`variant_overrides.torch-alexnet-scratch.epoch`", "are: batch_size, compile,", None),
+    ({"containers": {"tf": "x.sif"}}, "`containers.tf`", "in `containers` are: tensorflow, torch", None),
+])
+def test_unknown_keys_are_rejected_naming_the_valid_ones(config, key, valid, hint):
+    with pytest.raises(ConfigError) as error:
+        check_known_keys(config, schema())
+    message = str(error.value)
+    assert f"unknown config key {key}" in message and valid in message
+    assert hint is None or hint in message
+    with pytest.raises(WorkflowError, match="Additional properties are not allowed"):
+        validate(config, SCHEMA)  # the schema itself says so too
+
+
+def test_every_shipped_config_has_only_known_keys():
+    for name in ("config.yaml", "demo.yaml", "full.yaml"):
+        check_known_keys(load(name), schema())
+
+
+def test_config_forms_the_readme_documents(tmp_path):
+    code, output = dry_run("seeds=[0,1]", "train={epochs: 3, compile: on}", "data={val_size: 50}",
+                           directory=tmp_path)
+    assert code == 0, output[-3000:]
+    assert '"epochs": 3,' in output and '"compile": "on"' in output  # typed, not strings
+    assert '"val_size": 50' in output and '"source": "synthetic"' in output  # merged into demo's `data`
+    assert "--variant torch-alexnet-scratch --seed 1" in output
+
+    code, output = dry_run("data.val_size=50", directory=tmp_path)
+    assert code != 0 and "Config entry must start with a valid identifier" in output
+
+    code, output = dry_run("epochs=3", directory=tmp_path)
+    assert code != 0
+    assert "unknown config key `epochs`" in output and "did you mean `train.epochs`" in output
 
 
 def test_workflow_reports_config_errors_clearly():
