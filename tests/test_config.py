@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,47 @@ def test_workflow_reports_config_errors_clearly():
     code, output = dry_run("train={epochs: ten}")
     assert code != 0
     assert "'ten' is not of type 'integer'" in output
+
+
+def test_offline_files_lists_every_download_of_a_config(tmp_path):
+    """The README's `offline_files` command for config/full.yaml: each file the workflow would
+    download, with its URL and published hash, exactly the download jobs of a dry run."""
+    def snakemake(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+             "--configfile", str(REPO / "config" / "full.yaml"), *args],
+            capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    listed = snakemake("--cores", "1", "offline_files")
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in listed.splitlines() if line.count("\t") == 3}
+    assert rows.pop("path") == ["url", "algorithm", "digest"]
+    kept = (tmp_path / "results" / "logs" / "offline_files.tsv").read_text().splitlines()
+    assert {line.split("\t")[0] for line in kept[1:]} == set(rows)
+    assert rows == {
+        "resources/cifar-10-python.tar.gz": ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5",
+                                             "c58f30108f718f92721af3b95e74349a"],
+        "resources/weights/imagenet/alexnet-owt-7be5be79.pth": [
+            "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "sha256", "7be5be79"],
+        "resources/weights/imagenet/vgg16-397923af.pth": [
+            "https://download.pytorch.org/models/vgg16-397923af.pth", "sha256", "397923af"],
+    }
+    # Exactly what the workflow itself would download (keras_vgg16_weights: torch: no Keras notop file).
+    plan = snakemake("-n")
+    downloads = re.findall(r"rule download_\w+:\n(?:    .*\n)*?    output: (\S+)", plan)
+    assert sorted(downloads) == sorted(rows)
+
+
+def test_offline_files_follow_the_config():
+    from cnnbench.weights import offline_files, offline_table
+
+    config = load("config.yaml")
+    validate(config, SCHEMA)
+    assert [Path(row[0]).name for row in offline_files(config)] == [
+        "cifar-10-python.tar.gz", "alexnet-owt-7be5be79.pth", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"]
+    config["variants"] = ["torch-alexnet-scratch", "keras-alexnet-pretrained"]  # ported from torch's AlexNet
+    config["data"] = {**config["data"], "source": "imagefolder"}
+    assert [Path(row[0]).name for row in offline_files(config)] == ["alexnet-owt-7be5be79.pth"]
+    config["weights"] = "standin"
+    assert offline_files(config) == [] and "Nothing is downloaded" in offline_table([])

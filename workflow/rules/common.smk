@@ -8,7 +8,7 @@ sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import ConfigError, parse_variant, resolve_hparams  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, run_name  # noqa: E402
-from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, weights_path  # noqa: E402
+from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, offline_files, offline_table, weights_path  # noqa: E402
 
 
 # ------------------------------------------------------------- containers (--use-singularity)
