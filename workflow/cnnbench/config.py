@@ -64,7 +64,9 @@ def _node(schema: dict, root: dict) -> dict:
         parts.extend(part.get("allOf", []))
         for key, value in part.items():
             if key == "properties":
-                merged.setdefault("properties", {}).update(value)
+                properties = merged.setdefault("properties", {})
+                for name, sub in value.items():
+                    properties[name] = {"allOf": [properties[name], sub]} if name in properties else sub
             elif key not in ("$ref", "allOf"):
                 merged.setdefault(key, value)
     return merged

@@ -166,7 +166,8 @@ def caption_facts(facts_path: str | Path, configured: list[str]) -> dict:
     """
     path = Path(facts_path)
     if not path.exists():
-        return {"about": "No summary yet.", "missing": ""}
+        return {"about": f"No {path.name} yet: run the workflow (the same command without --report) to summarize the runs.",
+                "missing": ""}
     facts = json.loads(path.read_text())
     missing = sorted(set(configured) - set(facts["runs"]))
     unexpected = sorted(set(facts["runs"]) - set(configured))
