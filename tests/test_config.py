@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +14,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from conftest import REPO
-from cnnbench.config import VALID_VARIANTS, ConfigError, parse_variant, resolve_hparams
+from cnnbench.config import (VALID_VARIANTS, ConfigError, check_known_keys, coerce_command_line, parse_variant,
+                              resolve_hparams)
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -84,12 +87,70 @@ def test_wrong_types_are_rejected(bad):
         validate(bad, SCHEMA)
 
 
-def dry_run(*config_args):
+def dry_run(*config_args, directory=None):
+    """A dry run of the demo with `--config` arguments; -p prints each job's command (its config)."""
+    where = ["--directory", str(directory)] if directory else []
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--configfile",
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), *where, "--configfile",
          str(REPO / "config" / "demo.yaml"), "--config", *config_args],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     return result.returncode, result.stdout + result.stderr
+
+
+def schema():
+    return yaml.safe_load(Path(SCHEMA).read_text())
+
+
+def test_command_line_values_are_typed_by_the_schema():
+    # What Snakemake's --config parser hands over for `train={epochs: 3, compile: on}` etc.
+    parsed = {"train": {"epochs": "3", "compile": "on", "mean": ["0.5", "0.5", "0.5"]}, "seeds": ["0", "1"],
+              "data": {"train_limit": "null", "val_size": "50"}, "weights": "standin",
+              "variant_overrides": {"keras-vgg16-pretrained": {"batch_size": "32", "nesterov": "true"}}}
+    assert coerce_command_line(parsed, schema()) == {
+        "train": {"epochs": 3, "compile": "on", "mean": [0.5, 0.5, 0.5]}, "seeds": [0, 1],
+        "data": {"train_limit": None, "val_size": 50}, "weights": "standin",
+        "variant_overrides": {"keras-vgg16-pretrained": {"batch_size": 32, "nesterov": True}}}
+    # A value that is still wrong stays as it was, for the schema to reject with its own message.
+    assert coerce_command_line({"train": {"epochs": "ten"}}, schema()) == {"train": {"epochs": "ten"}}
+
+
+@pytest.mark.parametrize("config, key, valid, hint", [
+    ({"epochs": 3}, "`epochs`", "at the top level are: containers, data,", "did you mean `train.epochs`"),
+    ({"data": {"synthetic": {"size": 8}}}, "`data.synthetic.size`", "in `data.synthetic` are: image_size,", None),
+    ({"variant_overrides": {"torch-alexnet-scratch": {"epoch": 1}}},
+     "`variant_overrides.torch-alexnet-scratch.epoch`", "are: batch_size, compile,", None),
+    ({"containers": {"tf": "x.sif"}}, "`containers.tf`", "in `containers` are: tensorflow, torch", None),
+])
+def test_unknown_keys_are_rejected_naming_the_valid_ones(config, key, valid, hint):
+    with pytest.raises(ConfigError) as error:
+        check_known_keys(config, schema())
+    message = str(error.value)
+    assert f"unknown config key {key}" in message and valid in message
+    assert hint is None or hint in message
+    with pytest.raises(WorkflowError, match="Additional properties are not allowed"):
+        validate(config, SCHEMA)  # the schema itself says so too
+
+
+def test_every_shipped_config_has_only_known_keys():
+    for name in ("config.yaml", "demo.yaml", "full.yaml"):
+        check_known_keys(load(name), schema())
+
+
+def test_config_forms_the_readme_documents(tmp_path):
+    code, output = dry_run("seeds=[0,1]", "weights=standin", "train={epochs: 3, lr: 0.05, compile: on}",
+                           "data={val_size: 50}", directory=tmp_path)
+    assert code == 0, output[-3000:]
+    assert '"epochs": 3,' in output and '"lr": 0.05,' in output  # typed, not strings
+    assert '"compile": "on"' in output  # a string where the schema wants one
+    assert '"val_size": 50' in output and '"source": "synthetic"' in output  # merged into demo's `data`
+    assert "--variant torch-alexnet-scratch --seed 1" in output
+
+    code, output = dry_run("data.val_size=50", directory=tmp_path)
+    assert code != 0 and "Config entry must start with a valid identifier" in output
+
+    code, output = dry_run("epochs=3", directory=tmp_path)
+    assert code != 0
+    assert "unknown config key `epochs`" in output and "did you mean `train.epochs`" in output
 
 
 def test_workflow_reports_config_errors_clearly():
@@ -101,3 +162,47 @@ def test_workflow_reports_config_errors_clearly():
     code, output = dry_run("train={epochs: ten}")
     assert code != 0
     assert "'ten' is not of type 'integer'" in output
+
+
+def test_offline_files_lists_every_download_of_a_config(tmp_path):
+    """The README's `offline_files` command for config/full.yaml: each file the workflow would
+    download, with its URL and published hash, exactly the download jobs of a dry run."""
+    def snakemake(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+             "--configfile", str(REPO / "config" / "full.yaml"), *args],
+            capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    listed = snakemake("--cores", "1", "offline_files")
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in listed.splitlines() if line.count("\t") == 3}
+    assert rows.pop("path") == ["url", "algorithm", "digest"]
+    kept = (tmp_path / "results" / "logs" / "offline_files.tsv").read_text().splitlines()
+    assert {line.split("\t")[0] for line in kept[1:]} == set(rows)
+    assert rows == {
+        "resources/cifar-10-python.tar.gz": ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5",
+                                             "c58f30108f718f92721af3b95e74349a"],
+        "resources/weights/imagenet/alexnet-owt-7be5be79.pth": [
+            "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "sha256", "7be5be79"],
+        "resources/weights/imagenet/vgg16-397923af.pth": [
+            "https://download.pytorch.org/models/vgg16-397923af.pth", "sha256", "397923af"],
+    }
+    # Exactly what the workflow itself would download (keras_vgg16_weights: torch: no Keras notop file).
+    plan = snakemake("-n")
+    downloads = re.findall(r"rule download_\w+:\n(?:    .*\n)*?    output: (\S+)", plan)
+    assert sorted(downloads) == sorted(rows)
+
+
+def test_offline_files_follow_the_config():
+    from cnnbench.weights import offline_files, offline_table
+
+    config = load("config.yaml")
+    validate(config, SCHEMA)
+    assert [Path(row[0]).name for row in offline_files(config)] == [
+        "cifar-10-python.tar.gz", "alexnet-owt-7be5be79.pth", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"]
+    config["variants"] = ["torch-alexnet-scratch", "keras-alexnet-pretrained"]  # ported from torch's AlexNet
+    config["data"] = {**config["data"], "source": "imagefolder"}
+    assert [Path(row[0]).name for row in offline_files(config)] == ["alexnet-owt-7be5be79.pth"]
+    config["weights"] = "standin"
+    assert offline_files(config) == [] and "Nothing is downloaded" in offline_table([])

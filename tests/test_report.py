@@ -188,3 +188,48 @@ def test_comparison_across_devices_is_flagged_in_the_table(tmp_path):
             if line.startswith("| torch - keras") or line.startswith("| pretrained - scratch")}
     assert "MIXED, not comparable: a on NVIDIA H200, b on cpu" in rows["torch - keras (alexnet scratch)"]
     assert "MIXED" not in rows["pretrained - scratch (keras alexnet)"]
+
+
+def test_summary_says_what_it_holds_and_which_expected_runs_are_missing(tmp_path, metrics_files):
+    expected = ["torch-alexnet-scratch/seed0", "keras-vgg16-pretrained/seed0", "torch-vgg16-scratch/seed0",
+                "keras-vgg16-pretrained/seed1"]
+    code = report.main([*map(str, metrics_files), "--out-dir", str(tmp_path / "out"), "--expected", *expected])
+    assert code == 0
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert ("Summarized runs (3): keras-vgg16-pretrained/seed0, torch-alexnet-scratch/seed0, torch-vgg16-scratch/seed0. "
+            "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64") in markdown
+    assert "pretrained weights: standin" in markdown
+    assert "Missing: 1 of the 4 expected runs have no results here: keras-vgg16-pretrained/seed1." in markdown
+    facts = json.loads((tmp_path / "out" / "summary_facts.json").read_text())
+    assert facts["missing"] == ["keras-vgg16-pretrained/seed1"] and facts["image_size"] == [64]
+
+
+def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path):
+    """The README's report command, without --cores, over demo-like results: captions come from the
+    metrics (synthetic data, stand-in weights, 64x64), and the config's runs without results are named."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from factories import make_metrics, write_metrics
+
+    for variant in ("torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
+                    "keras-vgg16-pretrained"):
+        write_metrics(tmp_path / "results", make_metrics(variant))
+
+    def snakemake(*args):
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+                                 "--directory", str(tmp_path), *args],
+                                capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # The workflow's own summarize job over these metrics (no training: only summarize may run).
+    snakemake("--configfile", str(REPO / "config" / "demo.yaml"), "--cores", "1", "--allowed-rules", "summarize")
+    snakemake("--configfile", str(REPO / "config" / "full.yaml"), "--report", "results/report.html")
+
+    html = (tmp_path / "results" / "report.html").read_text()
+    assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
+    assert "pretrained weights: standin" in html
+    assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
+    assert "<strong>Missing: 20 of the 24 expected runs have no results here: keras-alexnet-pretrained/seed0" in html
+    assert "torch-vgg16-scratch/seed2" in html

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,11 @@ def test_missing_metrics_reruns_that_training_alone(demo_run):
     # Asking for everything again only re-aggregates: nothing else trains.
     output = snakemake(workdir)
     assert job_counts(output) == {"summarize": 1, "all": 1}
+
+    # As the README says: delete a run's directory and the plain command retrains it, and only it.
+    others = {v: (runs / v / "seed0" / "metrics.json").stat().st_mtime_ns for v in DEMO_VARIANTS[1:]}
+    shutil.rmtree(target.parent)
+    output = snakemake(workdir)
+    assert job_counts(output) == {"train_torch": 1, "summarize": 1, "all": 1}
+    assert load_metrics(target)["variant"] == "torch-alexnet-scratch"
+    assert {v: (runs / v / "seed0" / "metrics.json").stat().st_mtime_ns for v in others} == others

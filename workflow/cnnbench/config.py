@@ -50,3 +50,108 @@ def resolve_hparams(config: dict, variant: str) -> dict:
     hparams.update(config.get("init_overrides", {}).get(parsed.init, {}))
     hparams.update(config.get("variant_overrides", {}).get(variant, {}))
     return hparams
+
+
+# ------------------------------------------------------------ the config against its schema
+def _node(schema: dict, root: dict) -> dict:
+    """``schema`` with its ``$ref`` and ``allOf`` parts merged in (properties, type, items)."""
+    merged: dict = {}
+    parts = [schema]
+    while parts:
+        part = parts.pop()
+        if "$ref" in part:
+            parts.append(_resolve_ref(part["$ref"], root))
+        parts.extend(part.get("allOf", []))
+        for key, value in part.items():
+            if key == "properties":
+                properties = merged.setdefault("properties", {})
+                for name, sub in value.items():
+                    properties[name] = {"allOf": [properties[name], sub]} if name in properties else sub
+            elif key not in ("$ref", "allOf"):
+                merged.setdefault(key, value)
+    return merged
+
+
+def _resolve_ref(ref: str, root: dict) -> dict:
+    node = root
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _child(node: dict, key: str, root: dict) -> dict | None:
+    """The schema of ``key`` inside an object ``node``; None for a key the schema does not allow."""
+    if key in node.get("properties", {}):
+        return _node(node["properties"][key], root)
+    extra = node.get("additionalProperties", True)
+    if extra is False:
+        return None
+    return _node(extra, root) if isinstance(extra, dict) else {}
+
+
+def _types(node: dict) -> set:
+    declared = node.get("type", [])
+    return {declared} if isinstance(declared, str) else set(declared)
+
+
+def coerce_command_line(values, schema: dict, root: dict | None = None):
+    """``--config`` values typed as the schema wants them.
+
+    Snakemake parses a nested ``--config`` value (``train={epochs: 3}``, ``seeds=[0,1]``) with YAML's
+    BaseLoader, which leaves every scalar a string. Each string where the schema does not accept one
+    is parsed again as YAML (``'3'`` -> 3, ``'null'`` -> None); strings the schema wants (``compile:
+    on``) stay strings. A value that still has the wrong type is left for the schema to reject.
+    """
+    root = schema if root is None else root
+    node = _node(schema, root)
+    if isinstance(values, dict):
+        coerced = {}
+        for key, value in values.items():
+            child = _child(node, key, root)
+            coerced[key] = value if child is None else coerce_command_line(value, child, root)
+        return coerced
+    if isinstance(values, list):
+        items = _node(node.get("items", {}), root)
+        return [coerce_command_line(value, items, root) for value in values]
+    if isinstance(values, str) and _types(node) and "string" not in _types(node):
+        import yaml  # only the Snakefile calls this; the trainers' images need no YAML
+
+        try:
+            return yaml.safe_load(values)
+        except yaml.YAMLError:
+            return values
+    return values
+
+
+def check_known_keys(config: dict, schema: dict) -> None:
+    """Raise ConfigError naming the valid keys for the first key the schema does not know."""
+    _check_keys(config, _node(schema, schema), schema, path=())
+
+
+def _check_keys(values, node: dict, root: dict, path: tuple) -> None:
+    if not (isinstance(values, dict) and ("properties" in node or "additionalProperties" in node)):
+        return
+    for key, value in values.items():
+        child = _child(node, key, root)
+        if child is None:
+            raise ConfigError(_unknown_key_message(key, node, root, path))
+        _check_keys(value, child, root, (*path, key))
+
+
+def _unknown_key_message(key: str, node: dict, root: dict, path: tuple) -> str:
+    where = f"in `{'.'.join(path)}`" if path else "at the top level"
+    message = (f"unknown config key `{'.'.join((*path, key))}`; the valid keys {where} are: "
+               f"{', '.join(sorted(node.get('properties', {})))}")
+    nested = [".".join(found) for found in _paths_of_key(key, _node(root, root), root, ())]
+    if nested:
+        message += f" (did you mean {' or '.join(f'`{p}`' for p in nested)}?)"
+    return message
+
+
+def _paths_of_key(key: str, node: dict, root: dict, path: tuple, depth: int = 3):
+    """Where a key of that name is valid, for a hint (`epochs` -> `train.epochs`)."""
+    for name, child in node.get("properties", {}).items():
+        if name == key and path:
+            yield (*path, name)
+        if depth > 1:
+            yield from _paths_of_key(key, _node(child, root), root, (*path, name), depth - 1)

@@ -3,12 +3,15 @@
 Writes into ``--out-dir``: summary.csv (one row per run), variant_stats.csv (per variant over
 seeds: mean, standard deviation, 95% t-interval of test accuracy and training time),
 paired_differences.csv (the report's questions, paired by seed), summary.md (all three tables),
-learning_curves.png, per_class_accuracy.png and confusion_matrices.png.
+learning_curves.png, per_class_accuracy.png, confusion_matrices.png, and summary_facts.json: which
+runs, data, input size, epochs and weights the summary holds, and which expected runs it lacks (what
+the Snakemake report's captions say, whatever config the report is built with).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,7 +32,7 @@ RUN_COLUMNS = ["variant", "seed", "epochs", "best_val_accuracy", "test_accuracy"
                "images_per_second", "device", "weights", "data", "reference_test_accuracy",
                "reference_train_seconds"]
 OUTPUTS = ("summary.csv", "variant_stats.csv", "paired_differences.csv", "summary.md",
-           "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png")
+           "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png", "summary_facts.json")
 CONFIDENCE = 0.95
 
 
@@ -125,13 +128,74 @@ def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def run_name(variant: str, seed: int) -> str:
+    """A run as the workflow names its directory: ``{variant}/seed{seed}``."""
+    return f"{variant}/seed{seed}"
+
+
+def summary_facts(metrics_list: list[dict], expected: list[str] | None = None) -> dict:
+    """What the summarized runs are, read from their metrics, and the expected runs not among them."""
+    runs = sorted(run_name(m["variant"], m["seed"]) for m in metrics_list)
+    return {
+        "runs": runs,
+        "data": sorted({m["data"]["source"] for m in metrics_list}),
+        "split": sorted({(m["data"]["train_size"], m["data"]["val_size"], m["data"]["test_size"])
+                         for m in metrics_list}),
+        "image_size": sorted({m["config"]["image_size"] for m in metrics_list}),
+        "epochs": sorted({len(m["history"]) for m in metrics_list}),
+        "weights": sorted({m["weights"]["source"] for m in metrics_list if m["init"] == "pretrained"}),
+        "missing": sorted(set(expected or []) - set(runs)),
+    }
+
+
+def _listing(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def describe_runs(facts: dict) -> str:
+    """One paragraph (plain text that is also valid Markdown and reStructuredText) about the runs."""
+    splits = "; ".join(f"{train} train, {val} validation, {test} test images" for train, val, test in facts["split"])
+    sizes = _listing(f"{size}x{size}" for size in facts["image_size"])
+    weights = _listing(facts["weights"]) if facts["weights"] else "none (no pretrained variant)"
+    return (f"Summarized runs ({len(facts['runs'])}): {_listing(facts['runs'])}. Data: "
+            f"{_listing(facts['data'])} ({splits}), input resized to {sizes}; epochs: {_listing(facts['epochs'])}; "
+            f"pretrained weights: {weights}.")
+
+
+def describe_missing(missing: list[str], expected: int, unexpected: list[str] = ()) -> str:
+    text = ""
+    if missing:
+        text += (f"Missing: {len(missing)} of the {expected} expected runs have no results here: "
+                 f"{_listing(missing)}.")
+    if unexpected:
+        text += f"{' ' if text else ''}Not in the expected runs: {_listing(unexpected)}."
+    return text
+
+
+def caption_facts(facts_path: str | Path, configured: list[str]) -> dict:
+    """The report captions' sentences: the runs in the summary beside the report's configured runs.
+
+    Read when the report is built, so a report whose config asks for other runs than those
+    summarized says which are missing instead of describing them.
+    """
+    path = Path(facts_path)
+    if not path.exists():
+        return {"about": f"No {path.name} yet: run the workflow (the same command without --report) to summarize the runs.",
+                "missing": ""}
+    facts = json.loads(path.read_text())
+    missing = sorted(set(configured) - set(facts["runs"]))
+    unexpected = sorted(set(facts["runs"]) - set(configured))
+    return {"about": describe_runs(facts), "missing": describe_missing(missing, len(configured), unexpected)}
+
+
 def _interval(mean, low, high, digits=4) -> str:
     if pd.isna(low):
         return f"{mean:.{digits}g}"
     return f"{mean:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
 
 
-def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame) -> str:
+def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame, facts: dict,
+                expected: int) -> str:
     per_variant = pd.DataFrame({
         "variant": stats["variant"],
         "seeds": stats["seeds"],
@@ -159,12 +223,12 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "images_per_second": "images/s", "reference_test_accuracy": "reference test acc",
         "reference_train_seconds": "reference train s",
     })
-    sources = ", ".join(sorted(set(runs["data"])))
-    weights = ", ".join(sorted(set(runs["weights"])))
+    missing = describe_missing(facts["missing"], expected)
     table = lambda frame: frame.to_markdown(index=False, floatfmt=".4g", missingval="")  # noqa: E731
     return (
         "# Results\n\n"
-        f"Data: {sources}. Pretrained weights: {weights}. Intervals are two-sided {CONFIDENCE:.0%} "
+        + describe_runs(facts) + "\n\n" + (f"**{missing}**\n\n" if missing else "")
+        + f"Intervals are two-sided {CONFIDENCE:.0%} "
         "t-intervals over seeds (none with a single seed). Reference: the original report (A100, 10 "
         "epochs, batch 64, one seed; it validated Keras runs on the test set).\n\n"
         "## Per variant\n\n" + table(per_variant) + "\n\n"
@@ -266,14 +330,17 @@ def plot_confusion_matrices(metrics_list: list[dict], out: Path) -> None:
     _save(fig, out)
 
 
-def write_report(metrics_list: list[dict], out_dir: Path) -> pd.DataFrame:
+def write_report(metrics_list: list[dict], out_dir: Path, expected: list[str] | None = None) -> pd.DataFrame:
+    """Every output; ``expected`` names the runs (``variant/seedN``) the summary should hold."""
     runs = summarize(metrics_list)
     stats = variant_stats(runs)
     differences = paired_differences(runs)
+    facts = summary_facts(metrics_list, expected)
     for frame, name in ((runs, "summary.csv"), (stats, "variant_stats.csv"), (differences, "paired_differences.csv")):
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, index=False)
-    write_text_atomic(out_dir / "summary.md", to_markdown(runs, stats, differences))
+    write_text_atomic(out_dir / "summary_facts.json", json.dumps(facts, indent=1) + "\n")
+    write_text_atomic(out_dir / "summary.md", to_markdown(runs, stats, differences, facts, len(expected or [])))
     plot_learning_curves(metrics_list, out_dir / "learning_curves.png")
     plot_per_class_accuracy(metrics_list, out_dir / "per_class_accuracy.png")
     plot_confusion_matrices(metrics_list, out_dir / "confusion_matrices.png")
@@ -284,13 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json files")
     parser.add_argument("--out-dir", required=True, type=Path, help=f"where to write {', '.join(OUTPUTS)}")
+    parser.add_argument("--expected", nargs="*", default=[], metavar="VARIANT/seedN",
+                        help="the runs the summary should hold; those without a metrics file are named as missing")
     args = parser.parse_args(argv)
     try:
         metrics_list = [load_metrics(path) for path in args.metrics]
     except (MetricsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    write_report(metrics_list, args.out_dir)
+    write_report(metrics_list, args.out_dir, args.expected)
     print((args.out_dir / "summary.md").read_text())
     return 0
 

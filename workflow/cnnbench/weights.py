@@ -102,6 +102,40 @@ def input_transform(preprocessing: str, mean, std) -> tuple[bool, list[float], l
     raise ValueError(f"preprocessing {preprocessing!r} is not imagenet or caffe (resolve auto first)")
 
 
+def published_source(staged: str | Path) -> WeightsFile:
+    """The published file a staged weights file is, or is ported from (``cnnbench.port``)."""
+    name = Path(staged).name
+    if name.endswith(PORTED_SUFFIX):
+        name = name.removesuffix(PORTED_SUFFIX) + ".pth"
+    return published_spec(name)
+
+
+def offline_files(config: dict) -> list[tuple[str, str, str, str]]:
+    """Every file the workflow downloads for ``config`` (the workflow's merged config): (where it
+    goes, URL, hash algorithm, published digest). Put them there and nothing is downloaded."""
+    rows = []
+    data = config["data"]
+    if data["source"] == "cifar10":
+        rows.append((data["cifar10"]["path"], data["cifar10"]["url"], "md5", data["cifar10"]["md5"]))
+    if config["weights"] == "imagenet":
+        specs = {published_source(weights_path("", "imagenet", framework, model, config["keras_vgg16_weights"]))
+                 for framework, model, init in (variant.split("-") for variant in config["variants"])
+                 if init == "pretrained"}
+        for spec in sorted(specs, key=lambda spec: spec.filename):
+            rows.append((str(Path(config["weights_dir"]) / "imagenet" / spec.filename), spec.url,
+                         spec.algorithm, spec.digest))
+    return rows
+
+
+def offline_table(rows: list[tuple[str, str, str, str]]) -> str:
+    """The rows as tab-separated lines under a header; a digest of 8 hex digits is the prefix
+    torchvision publishes in the file name (the file's digest must start with it)."""
+    if not rows:
+        return "Nothing is downloaded with this config (synthetic or image-folder data, stand-in weights)."
+    lines = ["path\turl\talgorithm\tdigest"] + ["\t".join(row) for row in rows]
+    return "\n".join(lines)
+
+
 def verify(path: str | Path, spec: WeightsFile, actual: str | None = None) -> None:
     """Check ``path`` (or its already computed digest ``actual``) against the published digest."""
     actual = actual or file_digest(path, spec.algorithm)

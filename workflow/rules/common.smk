@@ -7,8 +7,8 @@ PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import ConfigError, parse_variant, resolve_hparams  # noqa: E402
-from cnnbench.report import OUTPUTS as REPORT_OUTPUTS  # noqa: E402
-from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, weights_path  # noqa: E402
+from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, run_name  # noqa: E402
+from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, offline_files, offline_table, weights_path  # noqa: E402
 
 
 # ------------------------------------------------------------- containers (--use-singularity)
@@ -134,6 +134,10 @@ def weights_args(wildcards, input):
 
 def all_metrics():
     return expand("results/runs/{variant}/seed{seed}/metrics.json", variant=config["variants"], seed=config["seeds"])
+
+
+def configured_runs():
+    return [run_name(variant, seed) for variant in config["variants"] for seed in config["seeds"]]
 
 
 # ----------------------------------------------------------------------------- data inputs

@@ -15,11 +15,17 @@ rule summarize:
         confusion=report(
             "results/confusion_matrices.png", caption="../report/confusion_matrices.rst", category="Plots"
         ),
+        facts="results/summary_facts.json",
     params:
         out_dir=lambda w, output: os.path.dirname(output.runs),
+        expected=configured_runs(),
+        # For the captions only: read from summary_facts.json when the report is built, against the
+        # report's config. A param computed from `output` is no rerun trigger (Snakemake skips
+        # params derived from input/output files).
+        facts=lambda w, output: caption_facts(output.facts, configured_runs()),
     log:
         "results/logs/summarize.log",
     container:
         TORCH_IMAGE
     shell:
-        "python -m cnnbench.report {input} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m cnnbench.report {input} --out-dir {params.out_dir} --expected {params.expected} > {log} 2>&1"

@@ -22,7 +22,7 @@ rule train_torch:
         weights=weights_args,
     log:
         f"{RUN_DIR}/train.log",
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores
     resources:
         gpu=1,
     container:
@@ -47,7 +47,7 @@ rule train_keras:
         backend=config["keras_backend"],
     log:
         f"{RUN_DIR}/train.log",
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores
     resources:
         gpu=1,
     container:

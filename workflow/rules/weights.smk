@@ -1,5 +1,17 @@
 localrules:
     download_weights,
+    offline_files,
+
+
+# `snakemake --configfile ... --cores 1 offline_files` prints what an offline machine needs (and keeps
+# it in its log): it has no output, so asking for it always runs it.
+rule offline_files:
+    log:
+        "results/logs/offline_files.tsv",
+    run:
+        table = offline_table(offline_files(config))
+        Path(log[0]).write_text(f"{table}\n")
+        print(table)
 
 
 rule download_weights:
