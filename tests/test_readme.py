@@ -26,6 +26,7 @@ CHECKS = {
     "snakemake --cores all results/runs/torch-alexnet-scratch/seed0/metrics.json": DRY,
     "snakemake --profile profiles/slurm": DRY,
     "snakemake --profile profiles/slurm --use-singularity": DRY,
+    "snakemake --configfile config/full.yaml --cores 1 offline_files": REAL,
 }
 
 
@@ -38,7 +39,7 @@ def readme_commands() -> set[str]:
             command = line.split(" #", 1)[0].strip()
             if re.match(r"(snakemake|make)( |$)", command):
                 commands.add(command)
-    commands.update(re.findall(r"`((?:snakemake|make) [^`]*)`", text))
+    commands.update(c for c in re.findall(r"`((?:snakemake|make) [^`]*)`", text) if "…" not in c)
     return commands
 
 
@@ -84,3 +85,14 @@ def test_report_command_over_the_demo_results(demo_checkout):
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     html = (checkout / "results" / "report.html").read_text()
     assert "learning_curves.png" in html
+
+
+def test_offline_files_command_lists_every_download(tmp_path):
+    command = next(c for c, how in CHECKS.items() if how == REAL)
+    result = run_in_checkout(linked_checkout(tmp_path / "cnnbench"), command)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    for path, digest in (("resources/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+                         ("resources/weights/imagenet/alexnet-owt-7be5be79.pth", "7be5be79"),
+                         ("resources/weights/imagenet/vgg16-397923af.pth", "397923af")):
+        assert re.search(rf"^{re.escape(path)}\thttps://\S+\t(md5|sha256)\t{digest}$", output, re.M), path
