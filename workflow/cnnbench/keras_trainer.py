@@ -165,9 +165,9 @@ def run(args: training.RunArgs, backend: str) -> dict:
         x_train, y_train = keras.ops.convert_to_tensor(x_train), keras.ops.convert_to_tensor(y_train, "int32")
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             seed = training.epoch_seed(args.seed, epoch)
-            order = training.epoch_order(len(data["y_train"]), seed, hp)
-            reseed_dropout(model, seed)
-            with training.Timer() as timer:
+            with training.Timer() as timer:  # the same span as the torch trainer's
+                order = training.epoch_order(len(data["y_train"]), seed, hp)
+                reseed_dropout(model, seed)
                 train_loss, train_acc = train_one_epoch(model, x_train, y_train, order, hp, stop,
                                                         f"epoch {epoch}/{hp['epochs']}")
             if stop.requested:
