@@ -113,3 +113,23 @@ def test_missing_weights_file_is_named(framework, tiny_dataset, tmp_path):
                    extra=("--weights", tmp_path / "absent.pth", "--weights-source", "imagenet"))
     assert result.returncode == 2
     assert "absent.pth does not exist" in result.stderr and "weights: standin" in result.stderr
+
+
+def test_keras_epoch_loss_and_accuracy_are_over_the_epochs_images(tiny_dataset, tmp_path):
+    """With lr 0 and no dropout the weights stay as saved, so the epoch's training loss and accuracy
+    must be those of the saved model over all 40 training images, averaged per image (batches of
+    16, 16 and 8: a plain mean of the batch means would differ)."""
+    train("keras", "keras-alexnet-scratch", tiny_dataset, tmp_path, {"lr": 0.0, "dropout": 0.0})
+    epoch = json.loads((tmp_path / "metrics.json").read_text())["history"][0]
+    out = run_python(f"""
+import json, keras
+from cnnbench.data import load_prepared
+from cnnbench.keras_trainer import evaluate
+import cnnbench.keras_models  # registers the custom layers for loading
+data = load_prepared({str(tiny_dataset)!r})
+model = keras.saving.load_model({str(tmp_path / "model.keras")!r})
+loss, accuracy, _ = evaluate(model, data["x_train"], data["y_train"], {{"eval_batch_size": 64}})
+print(json.dumps({{"loss": loss, "accuracy": accuracy}}))
+""")
+    assert epoch["train_loss"] == pytest.approx(out["loss"], rel=1e-5)
+    assert epoch["train_accuracy"] == pytest.approx(out["accuracy"], abs=1e-9)

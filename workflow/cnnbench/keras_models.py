@@ -198,10 +198,17 @@ def load_ported_weights(model: keras.Model, path: str | Path, include_head: bool
 
 @keras.saving.register_keras_serializable(package="cnnbench")
 class TorchSGD(keras.optimizers.SGD):
-    """SGD with PyTorch's coupled weight decay: ``grad += weight_decay * w`` before momentum.
+    """``torch.optim.SGD`` (dampening 0) in Keras, so that one config trains alike in both frameworks.
 
-    Keras' own ``weight_decay`` is decoupled (applied to the variable directly), which would
-    make the two frameworks train differently with the same config.
+    Per step, with g the gradient and lr this step's learning rate::
+
+        g = g + l2 * w                         # coupled weight decay (Keras' own is decoupled)
+        buf = momentum * buf + g
+        w = w - lr * (g + momentum * buf)      # nesterov
+        w = w - lr * buf                       # otherwise
+
+    Keras' SGD keeps ``v = momentum * v - lr * g`` instead: the same at a constant lr, but under a
+    schedule it carries past steps at their own lr, where torch rescales the whole buffer by today's.
     """
 
     def __init__(self, l2: float = 0.0, **kwargs):
@@ -209,9 +216,21 @@ class TorchSGD(keras.optimizers.SGD):
         self.l2 = l2
 
     def update_step(self, gradient, variable, learning_rate):
+        ops = keras.ops
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
         if self.l2:
-            gradient = keras.ops.add(gradient, keras.ops.multiply(keras.ops.cast(self.l2, variable.dtype), variable))
-        super().update_step(gradient, variable, learning_rate)
+            gradient = ops.add(gradient, ops.multiply(ops.cast(self.l2, variable.dtype), variable))
+        if self.momentum == 0:
+            self.assign_sub(variable, ops.multiply(learning_rate, gradient))
+            return
+        momentum = ops.cast(self.momentum, variable.dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]
+        # The new buffer is used from this local value: JAX's stateless update does not read back.
+        new_buffer = ops.add(ops.multiply(momentum, buffer), gradient)
+        self.assign(buffer, new_buffer)
+        step = ops.add(gradient, ops.multiply(momentum, new_buffer)) if self.nesterov else new_buffer
+        self.assign_sub(variable, ops.multiply(learning_rate, step))
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2}

@@ -1,7 +1,9 @@
 """Keras 3 trainer: one variant, one seed, on the backend named by ``--keras-backend``.
 
-The model takes uint8 batches and resizes/normalises them itself (see ``keras_models``), so the
-host only slices small uint8 batches; the upscaled images exist only on the device.
+Like the torch trainer, the uint8 training images become a backend tensor once, each step gathers
+its batch from it by index (``keras.ops.take``), and the model resizes/normalises the batch itself
+(see ``keras_models``): the upscaled images exist only on the device. (TensorFlow has no GPU kernel
+to gather uint8, so there it gathers in host memory and moves only the batch.)
 """
 
 from __future__ import annotations
@@ -69,6 +71,31 @@ def evaluate(model, x, y, hp):
     logits = model.predict(x, batch_size=hp["eval_batch_size"], verbose=0)
     predictions = logits.argmax(axis=1)
     return log_softmax_loss(logits, y), float((predictions == y).mean()), predictions
+
+
+def train_one_epoch(model, x, y, order: np.ndarray, hp: dict, stop: StopRequested, desc: str):
+    """One epoch the way ``torch_trainer.train_one_epoch`` runs it: the images stay on the device, each
+    step gathers its batch there by index; stops after the current step on SIGTERM.
+
+    Returns the loss and accuracy over the epoch's images (``train_on_batch`` gives each batch's means).
+    """
+    import keras
+
+    order_on_device = keras.ops.convert_to_tensor(order, "int32")
+    batch_size = hp["batch_size"]
+    loss_sum = correct = 0.0
+    with training.progress(len(order), desc) as bar:
+        for start in range(0, len(order), batch_size):
+            index = order_on_device[start:start + batch_size]
+            logs = model.train_on_batch(keras.ops.take(x, index, axis=0), keras.ops.take(y, index, axis=0),
+                                        return_dict=True)
+            images = min(batch_size, len(order) - start)
+            loss_sum += logs["loss"] * images
+            correct += logs["accuracy"] * images
+            bar.update(images)
+            if stop.requested:
+                break
+    return loss_sum / len(order), correct / len(order)
 
 
 def reseed_dropout(model, seed: int) -> None:
@@ -141,27 +168,18 @@ def run(args: training.RunArgs, backend: str) -> dict:
                       metrics=["accuracy"],
                       jit_compile={"auto": "auto", "on": True, "off": False}[hp["compile"]])
 
-    class Progress(keras.callbacks.Callback):
-        def __init__(self, bar):
-            super().__init__()
-            self.bar = bar
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.bar.update(min(hp["batch_size"], self.bar.total - self.bar.n))
-            if stop.requested:
-                self.model.stop_training = True
-
     try:
+        # As in the torch trainer: the uint8 images go to the device once, each step gathers its batch.
+        x_train, y_train = keras.ops.convert_to_tensor(x_train), keras.ops.convert_to_tensor(y_train, "int32")
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             seed = training.epoch_seed(args.seed, epoch)
-            order = training.epoch_order(len(y_train), seed, hp)
-            reseed_dropout(model, seed)
-            with training.progress(len(order), f"epoch {epoch}/{hp['epochs']}") as bar, training.Timer() as timer:
-                fit = model.fit(x_train[order], y_train[order], batch_size=hp["batch_size"], epochs=1,
-                                shuffle=False, verbose=0, callbacks=[Progress(bar)])
+            with training.Timer() as timer:  # the same span as the torch trainer's
+                order = training.epoch_order(len(data["y_train"]), seed, hp)
+                reseed_dropout(model, seed)
+                train_loss, train_acc = train_one_epoch(model, x_train, y_train, order, hp, stop,
+                                                        f"epoch {epoch}/{hp['epochs']}")
             if stop.requested:
                 return None
-            train_loss, train_acc = fit.history["loss"][-1], fit.history["accuracy"][-1]
             training.check_finite(train_loss, epoch, hp)
             val_loss, val_acc, _ = evaluate(model, data["x_val"], data["y_val"], hp)
             record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds,

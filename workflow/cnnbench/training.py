@@ -49,6 +49,7 @@ class RunArgs:
     weights_source: str
     container: str | None
     keras_backend: str | None = None
+    weights_sha256: str | None = None  # of the weights file, hashed once in parse_args
     framework: str = field(init=False)
     model: str = field(init=False)
     init: str = field(init=False)
@@ -94,10 +95,12 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     if args.weights is not None and not args.weights.exists():
         parser.error(f"weights file {args.weights} does not exist: run the workflow's weights rule "
                      "(snakemake resources/weights/...) or set `weights: standin` for offline runs")
+    if args.weights is not None:
+        args.weights_sha256 = file_digest(args.weights)
     spec = published_spec(args.weights) if args.weights_source == "imagenet" else None
     if spec is not None:
         try:  # a file put there by hand is checked as strictly as a download
-            verify_weights(args.weights, spec)
+            verify_weights(args.weights, spec, args.weights_sha256 if spec.algorithm == "sha256" else None)
         except WeightsError as err:
             parser.exit(1, f"error: {err}\n")
     # Resolved here, once for both trainers, so metrics["config"] records what the run really used.
@@ -205,7 +208,7 @@ def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, en
         },
         "weights": {
             "source": args.weights_source,
-            "sha256": file_digest(args.weights) if args.weights else None,
+            "sha256": args.weights_sha256,
         },
         "history": history,
         "test": test,
@@ -244,10 +247,17 @@ def log_epoch(record: dict, epochs: int) -> None:
     )
 
 
+# Raised when what a checkpoint means changes: 2 = Keras' momentum buffer in torch's formulation.
+CHECKPOINT_FORMAT = 2
+
+
 def run_fingerprint(args: RunArgs, data_sha256: str) -> dict:
-    """What a checkpoint must match to be resumed (else it is from another configuration)."""
+    """What a checkpoint must match to be resumed (else it is from another configuration): the
+    weights file's hash too, so that another file under the same name starts afresh, and the
+    checkpoint format, so that one written by an older trainer is not resumed with a new meaning."""
     return {"variant": args.variant, "seed": args.seed, "hparams": args.hparams, "data_sha256": data_sha256,
-            "weights_source": args.weights_source}
+            "weights_source": args.weights_source, "weights_sha256": args.weights_sha256,
+            "checkpoint_format": CHECKPOINT_FORMAT}
 
 
 class Timer:
