@@ -280,3 +280,23 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(umask, tmp_path):
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"metrics.json": 0o666 & ~umask, "dataset.npz": 0o666 & ~umask, "plain.txt": 0o666 & ~umask}
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["in-repo", "other-directory"])
+def test_missing_container_image_names_each_folder_once(elsewhere, tmp_path):
+    fake_bin = tmp_path / "bin"  # the check wants `apptainer` on PATH before it looks for the images
+    fake_bin.mkdir()
+    (fake_bin / "apptainer").write_text("#!/bin/sh\necho apptainer version 1.3.0\n")
+    (fake_bin / "apptainer").chmod(0o755)
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(json.dumps({"containers": {"torch": "no-such-torch.sif", "tensorflow": "no-such-tf.sif"}}))
+    directory = ["--directory", str(tmp_path / "work")] if elsewhere else []
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), *directory, "--use-singularity",
+         "--configfile", str(REPO / "config" / "demo.yaml"), str(configfile), "--cores", "1"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    folders = f"{tmp_path / 'work'} or {REPO}" if elsewhere else f"{REPO}:"
+    assert f"container image no-such-torch.sif (config `containers: torch:`) does not exist in {folders}" in output, output
