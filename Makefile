@@ -10,6 +10,7 @@ CONTAINER_BUILD_ARGS ?=
 .PHONY: demo test venv clean lint containers
 
 $(BIN)/snakemake: requirements.txt
+	@$(PYTHON) -m ensurepip --version >/dev/null 2>&1 || { echo "error: $(PYTHON) cannot create a virtual environment (no ensurepip module, or no $(PYTHON) at all). On Debian/Ubuntu: sudo apt-get install python3-venv (python3.X-venv for another Python 3.X), then rerun make." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt

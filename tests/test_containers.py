@@ -102,7 +102,7 @@ def test_missing_apptainer_says_how_to_install_it(tmp_path):
 def test_images_are_labelled_with_framework_and_versions(images):
     for framework, image in images.items():
         out = subprocess.run(["apptainer", "inspect", "--json", "--labels", str(image)],
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, timeout=120).stdout
         labels = json.loads(out)["data"]["attributes"]["labels"]
         assert labels["cnnbench.framework"] == framework
         assert ("torch==2.14.1" if framework == "torch" else "==2.21.0") in labels["cnnbench.requirements"]

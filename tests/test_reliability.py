@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from cnnbench.data import prepare
+from cnnbench.data import load_prepared, prepare
+from cnnbench.fileio import atomic_path, write_json_atomic
+from cnnbench.training import PAUSE_AT_STEP_ENV
 from conftest import DEFAULT_HPARAMS, REPO, package_env, run_module, run_python
 from test_trainers import MODEL_SUFFIX, train
 
@@ -40,22 +46,47 @@ def trainer_command(framework, data, run_dir):
             "--metrics", str(run_dir / "metrics.json"), "--model-out", str(run_dir / MODEL_SUFFIX[framework])]
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """Wait until ``path`` exists, failing at once if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before {path.name} appeared:\n{log.read_text()[-5000:]}"
+        assert time.monotonic() < deadline, f"{path.name} did not appear within {timeout} s"
+        time.sleep(0.05)
+
+
+def start_paused(command: list[str], run_dir: Path, step: int, log: Path, env: dict | None = None):
+    """Start ``command`` with the trainers' test hook: it pauses after training step ``step`` and
+    signals that with a file in ``run_dir``; return the process once it is there."""
+    env = {**(env or package_env()), PAUSE_AT_STEP_ENV: str(step)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_file(run_dir / f"paused-at-step-{step}", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=60)
+
+
 def interrupt_in_epoch_two(framework, data, run_dir, sig) -> subprocess.CompletedProcess:
-    """Start a training, wait until epoch 1 is checkpointed and epoch 2 is under way, send ``sig``."""
+    """Start a training, let it pause at a step inside epoch 2 (epoch 1 checkpointed), send ``sig``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "interrupted.log"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen(trainer_command(framework, data, run_dir), stderr=stderr, env=package_env())
-        marker = run_dir / "checkpoint" / CHECKPOINT_MARKER[framework]
-        deadline = time.monotonic() + 600
-        while not (marker.exists() and "epoch 2/2:" in log.read_text()):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "epoch 1 never finished"
-            time.sleep(0.05)
-        time.sleep(1.0)  # inside epoch 2's steps
-        assert proc.poll() is None, "the training finished before it could be interrupted"
+    steps_per_epoch = -(-len(load_prepared(data)["y_train"]) // DEMO_HPARAMS["batch_size"])
+    proc = start_paused(trainer_command(framework, data, run_dir), run_dir, steps_per_epoch + 3, log)
+    try:
+        assert (run_dir / "checkpoint" / CHECKPOINT_MARKER[framework]).exists(), "epoch 1 was not checkpointed"
         proc.send_signal(sig)
         proc.wait(timeout=120)
+    finally:
+        stop(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
 
 
@@ -79,7 +110,7 @@ def reference_runs(demo_dataset, tmp_path_factory):
     for framework in ("torch", "keras"):
         run_dir = tmp_path_factory.mktemp(f"reference-{framework}")
         subprocess.run(trainer_command(framework, demo_dataset, run_dir), check=True, capture_output=True,
-                       env=package_env())
+                       env=package_env(), timeout=600)
         runs[framework] = json.loads((run_dir / "metrics.json").read_text())
         shutil.rmtree(run_dir)  # only the metrics are compared
     return runs
@@ -99,7 +130,7 @@ def test_killed_training_resumes_after_last_epoch(framework, sig, demo_dataset, 
     assert not list(tmp_path.glob(".*.tmp*"))  # no half-written file left beside the outputs
 
     resumed = subprocess.run(trainer_command(framework, demo_dataset, tmp_path), capture_output=True, text=True,
-                             env=package_env())
+                             env=package_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "after epoch 1" in resumed.stderr
     assert "epoch 1/2:" not in resumed.stderr  # epoch 1 was not trained again
@@ -177,3 +208,95 @@ def test_corrupt_input_stops_the_workflow_before_training(tmp_path):
     assert "train/b/1.png" in log and "Remove or replace that file" in log
     assert not (tmp_path / "results" / "data" / "dataset.npz").exists()
     assert not (tmp_path / "results" / "runs").exists()
+
+
+def file_states(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_second_trainer_on_a_run_stops_at_once_naming_the_first(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    command = trainer_command("torch", tiny_dataset, run_dir)
+    first = start_paused(command, run_dir, 1, tmp_path / "first.log")
+    try:
+        before = file_states(run_dir)
+        started = time.monotonic()
+        second = subprocess.run(command, capture_output=True, text=True, env=package_env(), timeout=300)
+        print(f"second trainer refused after {time.monotonic() - started:.1f} s")
+        assert second.returncode == 1, second.stderr
+        assert f"pid {first.pid} on" in second.stderr and "already training" in second.stderr, second.stderr
+        assert file_states(run_dir) == before  # it wrote nothing, not even its lock file
+    finally:
+        stop(first)  # SIGKILL
+    with open(run_dir / ".lock") as lock:  # the kernel released the killed trainer's lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc; None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return None if fields[0] in ("Z", "X") else (fields[0], int(fields[1]))
+
+
+def test_trainer_stops_when_snakemake_is_killed(tmp_path):
+    run_dir = tmp_path / "results" / "runs" / "torch-alexnet-scratch" / "seed0"
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--configfile", str(REPO / "config" / "demo.yaml"), "--cores", "1",
+               str((run_dir / "metrics.json").relative_to(tmp_path))]
+    snakemake = start_paused(command, run_dir, 1, tmp_path / "snakemake.log",
+                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    trainer = int((run_dir / "paused-at-step-1").read_text())
+    try:
+        # The rule execs the trainer: no shell between it and Snakemake to outlive either.
+        assert process_state(trainer)[1] == snakemake.pid
+        snakemake.send_signal(signal.SIGKILL)
+        stop(snakemake)
+        killed = time.monotonic()
+        while process_state(trainer) is not None:
+            assert time.monotonic() - killed < 20, "the orphaned trainer is still running"
+            time.sleep(0.05)
+        print(f"orphaned trainer stopped {time.monotonic() - killed:.1f} s after Snakemake was killed")
+    finally:
+        if process_state(trainer) is not None:
+            os.kill(trainer, signal.SIGKILL)
+    log = (run_dir / "train.log").read_text()
+    assert f"the process that started this trainer (pid {snakemake.pid}) is gone" in log, log
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.pt").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_get_the_mode_a_plain_open_gives(umask, tmp_path):
+    previous = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "metrics.json", {"ok": True})
+        with atomic_path(tmp_path / "dataset.npz") as tmp:
+            np.savez(tmp, x=np.zeros(3))
+        (tmp_path / "plain.txt").write_text("")
+        assert os.umask(umask) == umask  # the mode lookup put the umask back
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"metrics.json": 0o666 & ~umask, "dataset.npz": 0o666 & ~umask, "plain.txt": 0o666 & ~umask}
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["in-repo", "other-directory"])
+def test_missing_container_image_names_each_folder_once(elsewhere, tmp_path):
+    fake_bin = tmp_path / "bin"  # the check wants `apptainer` on PATH before it looks for the images
+    fake_bin.mkdir()
+    (fake_bin / "apptainer").write_text("#!/bin/sh\necho apptainer version 1.3.0\n")
+    (fake_bin / "apptainer").chmod(0o755)
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(json.dumps({"containers": {"torch": "no-such-torch.sif", "tensorflow": "no-such-tf.sif"}}))
+    directory = ["--directory", str(tmp_path / "work")] if elsewhere else []
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), *directory, "--use-singularity",
+         "--configfile", str(REPO / "config" / "demo.yaml"), str(configfile), "--cores", "1"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    folders = f"{tmp_path / 'work'} or {REPO}" if elsewhere else f"{REPO}:"
+    assert f"container image no-such-torch.sif (config `containers: torch:`) does not exist in {folders}" in output, output

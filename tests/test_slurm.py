@@ -192,7 +192,7 @@ def test_cancelled_training_fails_the_run_and_a_rerun_completes(slurm_run):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.wait(timeout=60)
     output = log_path.read_text()
     print(f"cancel run: {time.monotonic() - start:.0f} s")
     assert proc.returncode != 0, output[-5000:]

@@ -23,6 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would make the outputs unreadable by others
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -33,6 +34,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def plain_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0o077)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

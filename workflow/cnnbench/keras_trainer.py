@@ -18,7 +18,7 @@ import numpy as np
 
 from . import training
 from .fileio import atomic_path, write_json_atomic
-from .training import EXIT_PREEMPTED, StopRequested, TrainingError
+from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 
 
 def import_keras(backend: str):
@@ -93,7 +93,7 @@ def train_one_epoch(model, x, y, order: np.ndarray, hp: dict, stop: StopRequeste
             loss_sum += logs["loss"] * images
             correct += logs["accuracy"] * images
             bar.update(images)
-            if stop.requested:
+            if stop.after_step():
                 break
     return loss_sum / len(order), correct / len(order)
 
@@ -139,6 +139,7 @@ class Checkpoint:
 
 def run(args: training.RunArgs, backend: str) -> dict:
     hp = dict(args.hparams)
+    stop = StopRequested(args.run_dir)
     keras = import_keras(backend)
     from .keras_models import build_model, make_optimizer  # registers custom objects for loading too
 
@@ -150,7 +151,6 @@ def run(args: training.RunArgs, backend: str) -> dict:
         warnings.warn("no GPU visible: training on the CPU, which is far slower", stacklevel=2)
     elif hp["precision"] == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    stop = StopRequested()
     data = training.load_data(args)
     class_names = data["class_names"]
     x_train, y_train = data["x_train"], data["y_train"]
@@ -179,7 +179,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
                 train_loss, train_acc = train_one_epoch(model, x_train, y_train, order, hp, stop,
                                                         f"epoch {epoch}/{hp['epochs']}")
             if stop.requested:
-                return None
+                raise Preempted
             training.check_finite(train_loss, epoch, hp)
             val_loss, val_acc, _ = evaluate(model, data["x_val"], data["y_val"], hp)
             record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds,
@@ -203,7 +203,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
                                      env)
-    training.finish(args, metrics)
+    training.finish(args, metrics, stop)
     return metrics
 
 
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     args = training.parse_args("keras", argv)
     try:
         metrics = run(args, args.keras_backend)
+    except Preempted:
+        return EXIT_PREEMPTED
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if metrics is None:
-        return EXIT_PREEMPTED
     print(f"{args.variant} seed {args.seed}: test accuracy {metrics['test']['accuracy']:.4f}, "
           f"{metrics['train_seconds']:.1f} s of training", file=sys.stderr)
     return 0

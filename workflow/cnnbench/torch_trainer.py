@@ -18,12 +18,8 @@ import torch.nn.functional as F
 from . import training
 from .fileio import atomic_path
 from .torch_models import build_model
-from .training import EXIT_PREEMPTED, StopRequested, TrainingError
+from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 from .weights import input_transform
-
-
-class Preempted(Exception):
-    pass
 
 
 def select_device(require_gpu: bool) -> torch.device:
@@ -88,7 +84,7 @@ def train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, e
             loss_sum += loss.detach() * len(index)
             correct += (logits.argmax(1) == labels).sum()
             bar.update(len(index))
-            if stop.requested:
+            if stop.after_step():
                 raise Preempted
     return loss_sum.item() / len(order), correct.item() / len(order), len(order)
 
@@ -144,10 +140,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint) -> lis
 
 def run(args: training.RunArgs) -> dict:
     hp = args.hparams
+    stop = StopRequested(args.run_dir)
     device = select_device(hp["require_gpu"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    stop = StopRequested()
     data = training.load_data(args)
     class_names = data["class_names"]
 
@@ -203,7 +199,7 @@ def run(args: training.RunArgs) -> dict:
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
                                      env)
-    training.finish(args, metrics)
+    training.finish(args, metrics, stop)
     return metrics
 
 

@@ -7,6 +7,7 @@ only what is framework-specific: the model, the step, the checkpoint format.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +26,24 @@ import numpy as np
 from . import __version__
 from .config import ConfigError, parse_variant
 from .data import load_prepared
-from .fileio import file_digest, write_json_atomic
+from .fileio import file_digest, write_json_atomic, write_text_atomic
 from .metrics import SCHEMA_VERSION, validate_metrics
 from .weights import WeightsError, published_spec, resolve_preprocessing
 from .weights import verify as verify_weights
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
+# Test hook: pause after this training step of the process (1 = the first), write
+# ``paused-at-step-N`` (holding the pid) into the run directory and wait until asked to stop.
+PAUSE_AT_STEP_ENV = "CNNBENCH_TEST_PAUSE_AT_STEP"
+PARENT_POLL_SECONDS = 0.5
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message says what to do."""
+
+
+class Preempted(Exception):
+    """Stop asked for (SIGTERM, or the job that started the trainer is gone): checkpoint kept."""
 
 
 @dataclass
@@ -139,17 +149,64 @@ def check_finite(loss: float, epoch: int, hparams: dict) -> None:
         )
 
 
+def lock_run(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir/.lock`` for the life of this process (the kernel drops it
+    when the process dies, however it dies): one trainer per run, so none overwrites another's
+    checkpoint or outputs. Return the open lock file, which must stay referenced."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown pid"
+        handle.close()
+        raise TrainingError(
+            f"another trainer ({holder}) is already training {run_dir}: two trainers on one run would "
+            "overwrite each other's checkpoint. Wait for it to finish, or end that process, then rerun."
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 class StopRequested:
-    """Turns SIGTERM (what SLURM sends before a time limit) into a flag the loop checks."""
+    """The run's lock and what the training loop checks after every step: SIGTERM (what SLURM sends
+    before a time limit) or the death of the process that started the trainer (an orphan would
+    write outputs for a job already declared failed) turn into a flag; the loop then stops."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Path):
+        self.lock = lock_run(run_dir)
+        self.run_dir = run_dir
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.steps = 0
+        self.pause_at_step = int(os.environ.get(PAUSE_AT_STEP_ENV) or 0)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        threading.Thread(target=self._watch_parent, args=(os.getppid(),), daemon=True).start()
 
-    def _handle(self, signum, frame):
+    def request(self, reason: str) -> None:
         self.requested = True
-        print("SIGTERM received: stopping after this step; the last completed epoch is checkpointed.",
+        print(f"{reason}: stopping after this step; the last completed epoch is checkpointed.",
               file=sys.stderr, flush=True)
+
+    def _on_sigterm(self, signum, frame):
+        self.request("SIGTERM received")
+
+    def _watch_parent(self, parent: int) -> None:
+        while not self.requested:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent:
+                self.request(f"the process that started this trainer (pid {parent}) is gone")
+
+    def after_step(self) -> bool:
+        """Count a training step; True when the loop should stop now."""
+        self.steps += 1
+        if self.steps == self.pause_at_step:
+            write_text_atomic(self.run_dir / f"paused-at-step-{self.steps}", f"{os.getpid()}\n")
+            while not self.requested:
+                time.sleep(0.05)
+        return self.requested
 
 
 def progress(total: int, desc: str):
@@ -217,9 +274,12 @@ def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, en
     }
 
 
-def finish(args: RunArgs, metrics: dict) -> None:
-    """Write metrics.json (the run's commit point), then drop the checkpoint it no longer needs."""
+def finish(args: RunArgs, metrics: dict, stop: StopRequested) -> None:
+    """Write metrics.json (the run's commit point), then drop the checkpoint it no longer needs;
+    nothing once a stop was asked for (the job that wants these outputs may be gone)."""
     validate_metrics(metrics)
+    if stop.requested:
+        raise Preempted
     write_json_atomic(args.metrics, metrics)
     shutil.rmtree(args.checkpoint_dir, ignore_errors=True)
 

@@ -32,6 +32,12 @@ def keras_needed():
     return any(parse_variant(v).framework == "keras" for v in config["variants"])
 
 
+def searched_folders():
+    """Where a relative image path is looked for (see container_image), each folder once."""
+    cwd, basedir = os.getcwd(), workflow.basedir
+    return cwd if os.path.realpath(cwd) == os.path.realpath(basedir) else f"{cwd} or {basedir}"
+
+
 def check_images(images):
     """Fail early, saying what to do, on a missing apptainer, image, or an image of the other
     framework (the `cnnbench.framework` label that containers/*.def set)."""
@@ -49,7 +55,7 @@ def check_images(images):
         if image is None or "://" in image:
             continue
         if not os.path.exists(image):
-            where = "" if os.path.isabs(image) else f" in {os.getcwd()} or {workflow.basedir}"
+            where = "" if os.path.isabs(image) else f" in {searched_folders()}"
             raise WorkflowError(
                 f"container image {image} (config `containers: {key}:`) does not exist{where}: build it "
                 f"with `containers/build.sh {key}` in {workflow.basedir}, set `containers: {key}:` "

@@ -28,7 +28,7 @@ rule train_torch:
     container:
         TORCH_IMAGE
     shell:
-        f"OMP_NUM_THREADS={{threads}} python -m cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
+        f"OMP_NUM_THREADS={{threads}} exec python -m cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
 
 
 rule train_keras:
@@ -53,4 +53,4 @@ rule train_keras:
     container:
         KERAS_IMAGE
     shell:
-        f"TF_NUM_INTRAOP_THREADS={{threads}} python -m cnnbench.keras_trainer --keras-backend {{params.backend}} {TRAIN_ARGS} > {{log}} 2>&1"
+        f"TF_NUM_INTRAOP_THREADS={{threads}} exec python -m cnnbench.keras_trainer --keras-backend {{params.backend}} {TRAIN_ARGS} > {{log}} 2>&1"
