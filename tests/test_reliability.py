@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -141,10 +142,14 @@ def test_killed_training_resumes_after_last_epoch(framework, sig, demo_dataset, 
 def test_checkpoint_of_another_configuration_is_ignored(framework, demo_dataset, tmp_path):
     killed = interrupt_in_epoch_two(framework, demo_dataset, tmp_path, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    result = train(framework, f"{framework}-alexnet-scratch", demo_dataset, tmp_path,
-                   {**DEMO_HPARAMS, "epochs": 1, "lr": 0.02})
-    assert "ignoring checkpoint" in result.stderr
-    assert len(json.loads((tmp_path / "metrics.json").read_text())["history"]) == 1
+    checkpointed_epoch_one = re.search(r"^epoch 1/2: train loss ([\d.]+)", killed.stderr, re.M).group(1)
+    # Same epochs, another learning rate: resuming would skip epoch 1 and keep the checkpoint's record.
+    result = train(framework, f"{framework}-alexnet-scratch", demo_dataset, tmp_path, {**DEMO_HPARAMS, "lr": 0.02})
+    assert "ignoring checkpoint" in result.stderr and "resuming" not in result.stderr
+    assert "epoch 1/2: train loss" in result.stderr  # epoch 1 trained again, at the new rate
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [epoch["epoch"] for epoch in history] == [1, 2]
+    assert f"{history[0]['train_loss']:.4f}" != checkpointed_epoch_one
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])

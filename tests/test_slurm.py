@@ -13,6 +13,7 @@ fails the run, and a rerun completes it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cnnbench.training import PAUSE_AT_STEP_ENV
 from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
 
 PROFILE = REPO / "profiles" / "slurm"
@@ -30,6 +32,7 @@ VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pre
             "keras-vgg16-pretrained"]
 TRAIN_RULE = {"torch": "train_torch", "keras": "train_keras"}
 SUMMARY = ["summary.csv", "summary.md", "learning_curves.png"]
+CANCELLED_VARIANT = "torch-alexnet-scratch"
 
 
 def slurm_env() -> dict:
@@ -52,9 +55,37 @@ def snakemake_cmd(workdir: Path, *args) -> list[str]:
             "--cores", str(node_cpus()), *args]
 
 
-def run_snakemake(workdir: Path, *args, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, env=slurm_env(),
-                          timeout=timeout)
+def run_snakemake(workdir: Path, *args, timeout: float = 900, env: dict | None = None,
+                  jobs: dict | None = None) -> subprocess.Popen:
+    """Run Snakemake to its end, recording into ``jobs`` every SLURM job of ``workdir`` seen meanwhile
+    (slurmctld forgets finished jobs after MinJobAge; a slow run must not lose its early ones)."""
+    jobs = {} if jobs is None else jobs
+    log_path = workdir / f"snakemake-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: nobody reads it while we poll
+        proc = subprocess.Popen(snakemake_cmd(workdir, *args), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=env or slurm_env())
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"snakemake ran over {timeout} s"
+            jobs.update(slurm_jobs(workdir))
+            time.sleep(1.0)
+        jobs.update(slurm_jobs(workdir))
+    finally:
+        terminate(proc)
+    proc.output = log_path.read_text()
+    return proc
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """Stop Snakemake if it still runs (it cancels its SLURM jobs on SIGTERM)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=60)
 
 
 def slurm_jobs(workdir: Path) -> dict[int, dict[str, str]]:
@@ -68,11 +99,11 @@ def slurm_jobs(workdir: Path) -> dict[int, dict[str, str]]:
     return jobs
 
 
-def training_jobs(workdir: Path, variant: str) -> list[dict[str, str]]:
+def training_jobs(jobs: dict[int, dict[str, str]], variant: str) -> list[dict[str, str]]:
     framework, model, init = variant.split("-")
     rule = TRAIN_RULE[framework]
     # Comment=rule_<rule>_wildcards_<framework>_<model>_<init>_<seed>, set by the plugin
-    return [job for job in slurm_jobs(workdir).values()
+    return [job for job in jobs.values()
             if job.get("Comment", "").startswith(f"rule_{rule}_wildcards_")
             and job["Comment"].endswith(f"{framework}_{model}_{init}_0")]
 
@@ -108,13 +139,16 @@ def _slurm_run(workdir: Path):
     config["data"]["val_size"] = 20
     config["data"]["synthetic"].update(train_per_class=10, test_per_class=5)
     config["train"]["epochs"] = 1
+    # Two epochs for the variant the cancel test interrupts after its first checkpoint.
+    config["variant_overrides"] = {CANCELLED_VARIANT: {"epochs": 2}}
     (workdir / "slurm-test.yaml").write_text(yaml.safe_dump(config))
     start = time.monotonic()
     try:
-        result = run_snakemake(workdir)
+        jobs = {}
+        result = run_snakemake(workdir, jobs=jobs)
         print(f"slurm demo run: {time.monotonic() - start:.0f} s")
-        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-8000:]
-        yield workdir, result.stdout + result.stderr
+        assert result.returncode == 0, result.output[-8000:]
+        yield workdir, result.output, dict(jobs)  # a snapshot: later tests' jobs do not change it
     finally:  # leave no job of ours behind (a timeout, a failed assertion)
         left = [job_id for job_id, job in slurm_jobs(workdir).items() if job["JobState"] in ("PENDING", "RUNNING")]
         if left:
@@ -122,9 +156,9 @@ def _slurm_run(workdir: Path):
 
 
 def test_every_training_ran_as_a_slurm_job_with_one_gpu(slurm_run):
-    workdir, _ = slurm_run
+    workdir, _, run_jobs = slurm_run
     for variant in VARIANTS:
-        jobs = training_jobs(workdir, variant)
+        jobs = training_jobs(run_jobs, variant)
         assert len(jobs) == 1, f"{variant}: expected one SLURM job, got {jobs}"
         job = jobs[0]
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
@@ -138,14 +172,14 @@ def test_every_training_ran_as_a_slurm_job_with_one_gpu(slurm_run):
         assert f"rule {TRAIN_RULE[variant.split('-')[0]]}:" in log and "1 of 1 steps (100%) done" in log, log[-3000:]
         assert job["NumCPUs"] == str(node_cpus()), job  # --cpus-per-task from the trainers' threads
     # the other rules ran as CPU jobs in the default partition, without a GPU
-    others = [job for job in slurm_jobs(workdir).values() if not job["Comment"].startswith("rule_train_")]
+    others = [job for job in run_jobs.values() if not job["Comment"].startswith("rule_train_")]
     assert {job["Comment"].split("_wildcards_")[0] for job in others} >= {
         "rule_prepare_data", "rule_summarize", "rule_standin_weights_torch", "rule_standin_weights_keras"}
     assert all(job["Partition"] == "cpu" and not asks_for_one_gpu(job) for job in others), others
 
 
 def test_outputs_are_complete(slurm_run):
-    workdir, _ = slurm_run
+    workdir, _, _ = slurm_run
     results = workdir / "results"
     for variant in VARIANTS:
         assert (results / "runs" / variant / "seed0" / "metrics.json").stat().st_size > 0
@@ -155,57 +189,57 @@ def test_outputs_are_complete(slurm_run):
         == sorted(VARIANTS)
 
 
-def test_cancelled_training_fails_the_run_and_a_rerun_completes(slurm_run):
-    workdir, _ = slurm_run
-    variant = "torch-alexnet-scratch"
-    metrics = workdir / "results" / "runs" / variant / "seed0" / "metrics.json"
-    earlier = {int(job["JobId"]) for job in training_jobs(workdir, variant)}
+def test_cancelled_training_fails_the_run_and_a_rerun_resumes_it(slurm_run):
+    """scancel a training job after its first epoch's checkpoint (the trainer paused there by its test
+    hook, so the job cannot end first): the run fails; the same command again resumes after epoch 1."""
+    workdir, _, run_jobs = slurm_run
+    run_dir = workdir / "results" / "runs" / CANCELLED_VARIANT / "seed0"
+    metrics = run_dir / "metrics.json"
+    earlier = {int(job["JobId"]) for job in training_jobs(run_jobs, CANCELLED_VARIANT)}
     metrics.unlink()
-    # A missing file whose consumers are up to date is not rebuilt on its own: ask for it (and for `all`).
     targets = [str(metrics.relative_to(workdir)), "all"]
+    # 80 training images in batches of 64: epoch 2's first step is the third.
+    pause_file = run_dir / "paused-at-step-3"
+    pause_file.unlink(missing_ok=True)
+    env = {**slurm_env(), PAUSE_AT_STEP_ENV: "3"}  # sbatch --export=ALL takes it into the job
 
-    start, wall_start = time.monotonic(), time.time()
+    start = time.monotonic()
     log_path = workdir / "cancelled-run.log"
-    with open(log_path, "w") as log:  # a file, not a pipe: nobody reads while we wait for the job
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(snakemake_cmd(workdir, "--retries", "0", *targets), stdout=log,
-                                stderr=subprocess.STDOUT, text=True, env=slurm_env())
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    jobs = {}
     try:
-        # Cancel once the training command itself runs inside the job (it has started writing its log).
-        train_log = metrics.parent / "train.log"
-        job = None
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            new = [j for j in training_jobs(workdir, variant) if int(j["JobId"]) not in earlier]
-            if (new and new[0]["JobState"] == "RUNNING" and train_log.exists()
-                    and train_log.stat().st_mtime > wall_start):
-                job = new[0]
-                break
+        deadline = time.monotonic() + 600
+        while not pause_file.exists():
+            assert proc.poll() is None, f"snakemake exited {proc.returncode} first:\n{log_path.read_text()[-5000:]}"
+            assert time.monotonic() < deadline, "the training never reached epoch 2"
+            jobs.update(slurm_jobs(workdir))
             time.sleep(0.5)
-        assert job is not None, (f"no running SLURM job for {variant} appeared (snakemake rc {proc.poll()}):\n"
-                                 + log_path.read_text()[-5000:])
-        subprocess.run(["scancel", job["JobId"]], check=True, timeout=30)
+        jobs.update(slurm_jobs(workdir))
+        [job] = [j for j in training_jobs(jobs, CANCELLED_VARIANT) if int(j["JobId"]) not in earlier]
+        assert (run_dir / "checkpoint" / "last.pt").exists()
+        subprocess.run(["scancel", job["JobId"]], check=True, timeout=30)  # the job is paused: still there
         proc.wait(timeout=300)
+        jobs.update(slurm_jobs(workdir))
     finally:
-        if proc.poll() is None:  # Snakemake cancels its SLURM jobs on SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=60)
+        terminate(proc)
     output = log_path.read_text()
     print(f"cancel run: {time.monotonic() - start:.0f} s")
     assert proc.returncode != 0, output[-5000:]
     assert f"SLURM-job '{job['JobId']}' failed" in output and "CANCELLED" in output, output[-5000:]
-    assert slurm_jobs(workdir)[int(job["JobId"])]["JobState"] == "CANCELLED"
-    assert not metrics.exists()
+    assert jobs[int(job["JobId"])]["JobState"] == "CANCELLED"
+    assert not metrics.exists() and (run_dir / "checkpoint" / "last.pt").exists()
 
     start = time.monotonic()
-    result = run_snakemake(workdir, *targets)
+    rerun = run_snakemake(workdir, *targets, jobs=jobs)
     print(f"rerun: {time.monotonic() - start:.0f} s")
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-8000:]
-    assert metrics.stat().st_size > 0
-    rerun_jobs = [j for j in training_jobs(workdir, variant) if int(j["JobId"]) not in earlier | {int(job["JobId"])}]
+    assert rerun.returncode == 0, rerun.output[-8000:]
+    log = (run_dir / "train.log").read_text()
+    assert "resuming from" in log and "after epoch 1" in log and "epoch 1/2: train loss" not in log, log
+    history = json.loads(metrics.read_text())["history"]
+    assert [epoch["epoch"] for epoch in history] == [1, 2]
+    rerun_jobs = [j for j in training_jobs(jobs, CANCELLED_VARIANT) if int(j["JobId"]) not in earlier | {int(job["JobId"])}]
     assert len(rerun_jobs) == 1 and rerun_jobs[0]["JobState"] == "COMPLETED" and asks_for_one_gpu(rerun_jobs[0])
     for name in SUMMARY:
         assert (workdir / "results" / name).stat().st_mtime > metrics.stat().st_mtime - 1
