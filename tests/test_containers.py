@@ -14,10 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from cnnbench.data import load_prepared
 from cnnbench.metrics import load_metrics
 from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
+from test_workflow import PARAMETERS
 
 IMAGES = {"torch": REPO / "containers" / "torch.sif", "keras": REPO / "containers" / "tensorflow.sif"}
 DEMO_VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
@@ -58,13 +61,16 @@ def test_container_demo_produces_every_output(container_demo):
         run = results / "runs" / variant / "seed0"
         metrics = load_metrics(run / "metrics.json")  # validates against the schema
         assert metrics["variant"] == variant and len(metrics["history"]) == 2
-        assert (run / MODEL_FILE[metrics["framework"]]).exists()
+        assert (run / MODEL_FILE[metrics["framework"]]).stat().st_size > 4 * PARAMETERS[metrics["model"]]
         # The trainer records the image Apptainer ran it in.
         container = metrics["environment"]["container"]
         assert container and Path(container).resolve() == IMAGES[metrics["framework"]].resolve(), container
-    for name in ["summary.csv", "summary.md", "learning_curves.png", "data/dataset.npz"]:
-        assert (results / name).stat().st_size > 0, name
-    assert (results / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    summary = pd.read_csv(results / "summary.csv")
+    assert sorted(summary["variant"]) == sorted(DEMO_VARIANTS) and summary["test_accuracy"].between(0, 1).all()
+    assert all(variant in (results / "summary.md").read_text() for variant in DEMO_VARIANTS)
+    assert (results / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    prepared = load_prepared(results / "data" / "dataset.npz")
+    assert (len(prepared["y_train"]), len(prepared["y_val"]), len(prepared["y_test"])) == (400, 100, 100)
     assert sorted(p.name for p in (workdir / "resources" / "weights" / "standin").iterdir()) == [
         "alexnet-owt-7be5be79.pth", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"]
 

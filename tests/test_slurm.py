@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cnnbench.metrics import load_metrics
 from cnnbench.training import PAUSE_AT_STEP_ENV
 from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
 
@@ -182,9 +183,10 @@ def test_outputs_are_complete(slurm_run):
     workdir, _, _ = slurm_run
     results = workdir / "results"
     for variant in VARIANTS:
-        assert (results / "runs" / variant / "seed0" / "metrics.json").stat().st_size > 0
-    for name in SUMMARY:
-        assert (results / name).stat().st_size > 0
+        metrics = load_metrics(results / "runs" / variant / "seed0" / "metrics.json")  # schema-valid
+        assert (metrics["variant"], metrics["data"]["train_size"]) == (variant, 80)
+    assert (results / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(variant in (results / "summary.md").read_text() for variant in VARIANTS)
     assert sorted(line.split(",")[0] for line in (results / "summary.csv").read_text().splitlines()[1:]) \
         == sorted(VARIANTS)
 
