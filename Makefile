@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
+# Test processes (pytest-xdist): most tests wait on process starts and imports, so two overlap well
+# on two cores; each module's tests stay in one process (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 CONTAINER_BUILD_ARGS ?=
 
@@ -22,7 +25,7 @@ demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --configfile config/demo.yaml --cores $(CORES)
 
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -raP --durations=30 tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -raP --durations=30 tests
 
 lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
