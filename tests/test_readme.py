@@ -27,6 +27,8 @@ CHECKS = {
     "snakemake --profile profiles/slurm": DRY,
     "snakemake --profile profiles/slurm --use-singularity": DRY,
     "snakemake --configfile config/full.yaml --cores 1 offline_files": REAL,
+    "snakemake --configfile config/demo.yaml --cores all --directory demo-run": DRY,
+    "make clean": REAL,
 }
 
 
@@ -39,7 +41,8 @@ def readme_commands() -> set[str]:
             command = line.split(" #", 1)[0].strip()
             if re.match(r"(snakemake|make)( |$)", command):
                 commands.add(command)
-    commands.update(c for c in re.findall(r"`((?:snakemake|make) [^`]*)`", text) if "…" not in c)
+    inline = (" ".join(c.split()) for c in re.findall(r"`((?:snakemake|make) [^`]*)`", text))  # may wrap
+    commands.update(c for c in inline if "…" not in c)
     return commands
 
 
@@ -88,7 +91,8 @@ def test_report_command_over_the_demo_results(demo_checkout):
 
 
 def test_offline_files_command_lists_every_download(tmp_path):
-    command = next(c for c, how in CHECKS.items() if how == REAL)
+    command = "snakemake --configfile config/full.yaml --cores 1 offline_files"
+    assert CHECKS[command] == REAL
     result = run_in_checkout(linked_checkout(tmp_path / "cnnbench"), command)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
@@ -96,3 +100,15 @@ def test_offline_files_command_lists_every_download(tmp_path):
                          ("resources/weights/imagenet/alexnet-owt-7be5be79.pth", "7be5be79"),
                          ("resources/weights/imagenet/vgg16-397923af.pth", "397923af")):
         assert re.search(rf"^{re.escape(path)}\thttps://\S+\t(md5|sha256)\t{digest}$", output, re.M), path
+
+
+def test_make_clean_removes_the_results(tmp_path):
+    assert CHECKS["make clean"] == REAL
+    checkout = linked_checkout(tmp_path / "cnnbench")
+    for generated in ("results/runs/x/seed0/metrics.json", ".snakemake/log/x.log"):
+        (checkout / generated).parent.mkdir(parents=True)
+        (checkout / generated).write_text("{}")
+    result = run_in_checkout(checkout, "make clean")
+    assert result.returncode == 0, result.stderr
+    assert not (checkout / "results").exists() and not (checkout / ".snakemake").exists()
+    assert (checkout / "config" / "config.yaml").exists()  # nothing else
