@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 # Test processes (pytest-xdist): most tests wait on process starts and imports, so two overlap well
-# on two cores; each module's tests stay in one process (tests/conftest.py).
+# on two cores. (loadgroup is what CI measured; no xdist_group marks are set, so tests are spread one
+# by one, and a module fixture can be set up in both workers.)
 TEST_WORKERS ?= 2
 
 CONTAINER_BUILD_ARGS ?=

@@ -132,12 +132,3 @@ def demo_checkout(request, tmp_path_factory):
         assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
         yield checkout, result.stdout + result.stderr
 
-
-def pytest_collection_modifyitems(config, items):
-    """For pytest-xdist's `--dist loadgroup` (`make test` runs two workers): a module's tests go to one
-    worker together, so that its module fixtures (whole workflow runs) run once; the modules that use
-    the `make demo` checkout go together too, so that the demo runs once."""
-    demo_modules = {item.module.__name__ for item in items if "demo_checkout" in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("demo-checkout" if module in demo_modules else module))
