@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def slurm_run(cluster, request, tmp_path_factory):
-    with removed_unless_failed(request, tmp_path_factory.mktemp("slurm").resolve()) as workdir:
+    # A name of its own: slurmctld keeps a finished job for MinJobAge, and a directory reused by the next
+    # pytest session (same basetemp number) would show that session the previous one's jobs.
+    name = f"slurm-{uuid.uuid4().hex[:8]}"
+    with removed_unless_failed(request, tmp_path_factory.mktemp(name).resolve()) as workdir:
         yield from _slurm_run(workdir)
 
 
