@@ -5,8 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 # Test processes (pytest-xdist): most tests wait on process starts and imports, so two overlap well
-# on two cores. (loadgroup is what CI measured; no xdist_group marks are set, so tests are spread one
-# by one, and a module fixture can be set up in both workers.)
+# on two cores. --dist loadfile keeps each test module on one worker, so a module fixture (a whole
+# workflow run) is set up once; the workers share one `make demo` (tests/conftest.py demo_checkout).
 TEST_WORKERS ?= 2
 
 CONTAINER_BUILD_ARGS ?=
@@ -26,7 +26,7 @@ demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --configfile config/demo.yaml --cores $(CORES)
 
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -raP --durations=30 tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -raP --durations=30 tests
 
 lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint

@@ -7,6 +7,7 @@ missing, except where CNNBENCH_REQUIRE_TOOLS is set (CI sets it): there a missin
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -123,12 +124,33 @@ def run_in_checkout(checkout: Path, command: str, timeout: float = 600) -> subpr
 
 
 @pytest.fixture(scope="session")
-def demo_checkout(request, tmp_path_factory):
+def demo_checkout(request, tmp_path_factory, worker_id):
     """`make demo`, exactly as the README says, in a linked checkout (shared by the tests that need
-    the demo's results)."""
-    with removed_unless_failed(request, tmp_path_factory.mktemp("demo-checkout")) as directory:
-        checkout = linked_checkout(directory / "cnnbench")
-        result = run_in_checkout(checkout, "make demo", timeout=1800)
-        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-        yield checkout, result.stdout + result.stderr
+    the demo's results). Under pytest-xdist the workers share one demo: the first to get here runs
+    it, holding a lock; the others wait on the lock and reuse its checkout and output."""
+    if worker_id == "master":
+        with removed_unless_failed(request, tmp_path_factory.mktemp("demo-checkout")) as directory:
+            yield run_demo(directory)
+        return
+    shared = tmp_path_factory.getbasetemp().parent / "demo-checkout"  # the session's, beside each worker's
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this worker's demo is ready or failed
+        done, failed = shared / "make-demo-output.txt", shared / "make-demo-failure.txt"
+        if failed.exists():
+            pytest.fail(f"`make demo` failed in another test worker:\n{failed.read_text()}")
+        if not done.exists():
+            try:
+                checkout, output = run_demo(shared)
+            except BaseException as err:
+                failed.write_text(str(err))
+                raise
+            done.write_text(output)
+    yield shared / "cnnbench", done.read_text()
 
+
+def run_demo(directory: Path) -> tuple[Path, str]:
+    checkout = linked_checkout(directory / "cnnbench")
+    result = run_in_checkout(checkout, "make demo", timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return checkout, result.stdout + result.stderr

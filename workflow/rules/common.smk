@@ -61,10 +61,14 @@ def check_images(images):
                 f"with `containers/build.sh {key}` in {workflow.basedir}, set `containers: {key}:` "
                 "to an existing .sif, or run without --use-singularity"
             )
-        inspect = subprocess.run(
-            [shutil.which("apptainer") or "singularity", "inspect", "--json", "--labels", image],
-            capture_output=True, text=True,
-        )
+        try:
+            inspect = subprocess.run(
+                [shutil.which("apptainer") or "singularity", "inspect", "--json", "--labels", image],
+                capture_output=True, text=True, timeout=120,
+            )
+        except subprocess.TimeoutExpired:
+            raise WorkflowError(f"`apptainer inspect {image}` did not answer in 120 s: is its file system "
+                                "reachable (a hung network mount)? Check it, or run without --use-singularity")
         try:
             labels = json.loads(inspect.stdout)["data"]["attributes"]["labels"] or {}
         except (ValueError, KeyError, TypeError):
