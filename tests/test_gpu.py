@@ -5,13 +5,17 @@ tests/test_trainers.py."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
+import jsonschema
 import pytest
 
 from cnnbench.gpu import (FrameworkBuild, Host, HostGpus, check_gpu, cudnn_version_string, expected_because,
                           likely_causes, min_driver, query_nvidia_smi)
+from cnnbench.metrics import schema
 from cnnbench.training import TrainingError
+from conftest import run_python
 
 H200 = HostGpus(names=("NVIDIA H200",), driver_version="470.57.02")
 NO_SMI = HostGpus(problem="nvidia-smi is not installed here")
@@ -139,3 +143,48 @@ def test_versions():
     assert cudnn_version_string(92400) == "9.24.0" and cudnn_version_string(8907) == "8.9.7"
     assert cudnn_version_string(None) is None
     assert min_driver("13.0") == "580" and min_driver("12.5.1") == "525.60.13" and min_driver("10.2") is None
+
+
+# The trainers' GPU facts with their frameworks' GPU calls stood in for (no GPU here): the fields
+# the metrics schema wants, the driver from nvidia-smi. Each framework in its own process.
+GPU_FACTS_TORCH = """
+import json, torch
+from cnnbench import torch_trainer
+torch.cuda.get_device_name = lambda device=None: "Stand-in GPU"
+torch.cuda.device_count = lambda: 2
+torch.cuda.max_memory_allocated = lambda device=None: 123456789
+print(json.dumps(torch_trainer.gpu_environment(torch.device("cuda"))))
+"""
+GPU_FACTS_KERAS = """
+import json
+import tensorflow as tf
+from cnnbench import keras_trainer
+tf.config.experimental.get_memory_info = lambda device: {"current": 1, "peak": 987654321}
+tf.config.experimental.get_device_details = lambda device: {"device_name": "Stand-in GPU"}
+
+class JaxDevice:
+    device_kind = "Stand-in GPU"
+    def memory_stats(self):
+        return {"peak_bytes_in_use": 55555}
+
+print(json.dumps({"tensorflow": keras_trainer.gpu_environment("tensorflow", ["GPU:0"]),
+                  "jax": keras_trainer.gpu_environment("jax", [JaxDevice()])}))
+"""
+
+
+def test_gpu_facts_in_the_metrics_environment(tmp_path):
+    bindir = fake_nvidia_smi(tmp_path, 'echo "Stand-in GPU, 570.86.15"')
+    path = f"{bindir}:{os.environ['PATH']}"
+    torch_facts = run_python(GPU_FACTS_TORCH, env={"PATH": path})
+    keras_facts = run_python(GPU_FACTS_KERAS, env={"PATH": path})
+    gpu_schema = schema()["properties"]["environment"]["properties"]["gpu"]
+    for facts in (torch_facts, keras_facts["tensorflow"], keras_facts["jax"]):
+        jsonschema.validate(facts, gpu_schema)
+        assert facts["name"] == "Stand-in GPU" and facts["driver_version"] == "570.86.15"
+    assert torch_facts["count"] == 2 and torch_facts["peak_memory_bytes"] == 123456789
+    assert torch_facts["cuda_version"] is not None and torch_facts["cudnn_version"].count(".") == 2  # cu130 torch
+    assert keras_facts["tensorflow"]["peak_memory_bytes"] == 987654321
+    assert keras_facts["tensorflow"]["cuda_version"] is None  # tensorflow-cpu reports no CUDA build
+    assert keras_facts["jax"] == {"name": "Stand-in GPU", "count": 1, "driver_version": "570.86.15",
+                                  "cuda_version": None, "cudnn_version": None, "peak_memory_bytes": 55555}
+    jsonschema.validate(None, gpu_schema)  # the CPU's
