@@ -1,5 +1,7 @@
 # make demo: create .venv, install, run the demo workflow (results in results/)
 # make test: create .venv, install, run the whole test suite
+# make venv GPU=1: for GPU hosts, CUDA builds of torch (TORCH_CUDA, default cu130) and TensorFlow
+#   (requirements-gpu.txt) instead of requirements.txt's CPU TensorFlow
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,17 +12,34 @@ CORES ?= all
 TEST_WORKERS ?= 2
 
 CONTAINER_BUILD_ARGS ?=
+GPU ?= 0
+TORCH_CUDA ?= cu130
+ifeq ($(GPU),1)
+VENV_READY := $(VENV)/.requirements-gpu-$(TORCH_CUDA)
+else
+VENV_READY := $(BIN)/snakemake
+endif
+NEEDS_VENV_MODULE = @$(PYTHON) -m ensurepip --version >/dev/null 2>&1 || { echo "error: $(PYTHON) cannot create a virtual environment (no ensurepip module, or no $(PYTHON) at all). On Debian/Ubuntu: sudo apt-get install python3-venv (python3.X-venv for another Python 3.X), then rerun make." >&2; exit 1; }
 
 .PHONY: demo test venv clean lint containers
 
 $(BIN)/snakemake: requirements.txt
-	@$(PYTHON) -m ensurepip --version >/dev/null 2>&1 || { echo "error: $(PYTHON) cannot create a virtual environment (no ensurepip module, or no $(PYTHON) at all). On Debian/Ubuntu: sudo apt-get install python3-venv (python3.X-venv for another Python 3.X), then rerun make." >&2; exit 1; }
+	$(NEEDS_VENV_MODULE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-venv: $(BIN)/snakemake
+# tensorflow-cpu and tensorflow share their files: one left from a CPU venv would break the other.
+$(VENV)/.requirements-gpu-$(TORCH_CUDA): requirements-gpu.txt
+	$(NEEDS_VENV_MODULE)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip uninstall --quiet --yes tensorflow-cpu tensorflow
+	TORCH_CUDA=$(TORCH_CUDA) $(BIN)/python -m pip install --quiet -r requirements-gpu.txt
+	touch $(BIN)/snakemake $@
+
+venv: $(VENV_READY)
 
 demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --configfile config/demo.yaml --cores $(CORES)

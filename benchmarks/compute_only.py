@@ -60,9 +60,9 @@ def keras_loop(model_name, image_size, batch_size, steps, warmup, precision, com
     import numpy as np
 
     from cnnbench.keras_models import build_model, make_optimizer
-    from cnnbench.keras_trainer import gpu_name
+    from cnnbench.keras_trainer import gpu_devices
 
-    on_gpu = gpu_name(backend) is not None
+    on_gpu = bool(gpu_devices(backend))
     if on_gpu and precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the workflow's Apptainer images (containers/torch.sif, containers/tensorflow.sif).
 #
-#   containers/build.sh [--local-wheels] [--tf-cpu] [--ci] [--force] [--notest] [torch] [tensorflow]
+#   containers/build.sh [--local-wheels] [--tf-cpu] [--torch-cuda VARIANT] [--ci] [--force] [--notest]
+#                       [torch] [tensorflow]
 #
 #   (no image named)  build both
 #   --local-wheels    pip also reads the wheel directories of this machine, bound read-only into
@@ -9,6 +10,8 @@
 #                     (override with CNNBENCH_WHEEL_DIRS / CNNBENCH_PIP_INDEXES); torch's GBs of
 #                     CUDA wheels then come from disk, not from PyPI
 #   --tf-cpu          tensorflow-cpu==2.21.0 instead of tensorflow[and-cuda]==2.21.0 (no GPU)
+#   --torch-cuda V    torch's CUDA build (torch.def's TORCH_CUDA): cu126, cu128, cu130 or cpu from
+#                     download.pytorch.org; default pypi (PyPI's wheels: CUDA 13.0 for torch 2.14.1)
 #   --ci              = --local-wheels --tf-cpu, and zstd compression (CNNBENCH_MKSQUASHFS_ARGS)
 #   (always)          the host's CA bundle (CNNBENCH_PIP_CERT, PIP_CERT, REQUESTS_CA_BUNDLE or
 #                     /etc/ssl/certs/ca-certificates.crt) is bound into the build for pip
@@ -36,7 +39,7 @@ BUILD_USER=${APPTAINER_BUILD_USER:-cnnbuild}
 WHEEL_DIRS=${CNNBENCH_WHEEL_DIRS:-/opt/wheels}
 PIP_INDEXES=${CNNBENCH_PIP_INDEXES:-/opt/pypi /opt/pypi-more}
 MKSQUASHFS_ARGS=${CNNBENCH_MKSQUASHFS_ARGS:-}
-LOCAL_WHEELS=0 TF_CPU=0 FORCE=0 NOTEST=0 IMAGES=()
+LOCAL_WHEELS=0 TF_CPU=0 TORCH_CUDA="" FORCE=0 NOTEST=0 IMAGES=()
 
 log() { echo "build.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -45,6 +48,8 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --local-wheels) LOCAL_WHEELS=1 ;;
         --tf-cpu) TF_CPU=1 ;;
+        --torch-cuda) [ $# -gt 1 ] || die "--torch-cuda needs a variant (cu126, cu128, cu130, cpu, pypi)"
+                      TORCH_CUDA=$2; shift ;;
         --ci) LOCAL_WHEELS=1 TF_CPU=1 MKSQUASHFS_ARGS=${CNNBENCH_MKSQUASHFS_ARGS:--comp zstd -Xcompression-level 3} ;;
         --force) FORCE=1 ;;
         --notest) NOTEST=1 ;;
@@ -86,6 +91,9 @@ for v in $(compgen -e | grep '^PIP_' || true); do unset "$v"; done
 build_args() {  # the --build-arg-file content of one image: NAME=VALUE lines
     echo "PIP_OPTIONS=$pip_options"
     echo "BUILD_BINDS=${bind_points# }"
+    if [ "$1" = torch ] && [ -n "$TORCH_CUDA" ]; then  # absent: the definition's default (same hash as before)
+        echo "TORCH_CUDA=$TORCH_CUDA"
+    fi
     if [ "$1" = tensorflow ] && [ "$TF_CPU" = 1 ]; then
         echo "TF_REQUIREMENTS=tensorflow-cpu==2.21.0 keras==3.15.1"
         echo "TF_VARIANT=cpu"

@@ -103,7 +103,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 # What a user's checkout holds, linked into a temporary directory: README commands run there as
 # written (relative paths, `make`, the workflow profile), writing results/ and resources/ beside them.
 CHECKOUT_ENTRIES = ("Snakefile", "workflow", "config", "profiles", "containers", "Makefile", "requirements.txt",
-                    ".venv")
+                    "requirements-gpu.txt", ".venv")
 
 
 def linked_checkout(directory: Path) -> Path:

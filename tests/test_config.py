@@ -60,6 +60,14 @@ def test_demo_overlay():
     validate(merged, SCHEMA)
     assert merged["data"]["source"] == "synthetic" and merged["weights"] == "standin"
     assert merged["train"]["epochs"] == 2 and merged["train"]["image_size"] == 64
+    assert merged["train"]["require_gpu"] is False  # the demo trains wherever it runs
+
+
+def test_require_gpu_is_auto_by_default():
+    assert load("config.yaml")["train"]["require_gpu"] == "auto"
+    config = {}
+    validate(config, SCHEMA)
+    assert config["train"]["require_gpu"] == "auto"
 
 
 def test_layers_of_hyperparameters():
@@ -81,7 +89,8 @@ def test_unknown_variant_lists_the_valid_ones():
 
 @pytest.mark.parametrize("bad", [{"train": {"epochs": "ten"}}, {"train": {"lr": -1}},
                                  {"train": {"learning_rate": 0.1}}, {"weights": "random"},
-                                 {"variant_overrides": {"torch-alexnet-scratch": {"batch_size": 0.5}}}])
+                                 {"variant_overrides": {"torch-alexnet-scratch": {"batch_size": 0.5}}},
+                                 {"train": {"require_gpu": "yes"}}, {"train": {"require_gpu": "true"}}])
 def test_wrong_types_are_rejected(bad):
     with pytest.raises(WorkflowError):
         validate(bad, SCHEMA)
@@ -112,6 +121,9 @@ def test_command_line_values_are_typed_by_the_schema():
         "variant_overrides": {"keras-vgg16-pretrained": {"batch_size": 32, "nesterov": True}}}
     # A value that is still wrong stays as it was, for the schema to reject with its own message.
     assert coerce_command_line({"train": {"epochs": "ten"}}, schema()) == {"train": {"epochs": "ten"}}
+    # require_gpu takes a string (auto) or a boolean: the string "true" becomes the boolean its enum lists.
+    for given, typed in (("true", True), ("false", False), ("auto", "auto"), ("yes", True), ("maybe", "maybe")):
+        assert coerce_command_line({"train": {"require_gpu": given}}, schema()) == {"train": {"require_gpu": typed}}
 
 
 @pytest.mark.parametrize("config, key, valid, hint", [

@@ -112,3 +112,10 @@ def test_images_are_labelled_with_framework_and_versions(images):
         labels = json.loads(out)["data"]["attributes"]["labels"]
         assert labels["cnnbench.framework"] == framework
         assert ("torch==2.14.1" if framework == "torch" else "==2.21.0") in labels["cnnbench.requirements"]
+        # The CUDA build the installed framework reports ("none": CPU-only), as the metrics record it.
+        probe = ("import torch; print(torch.version.cuda or 'none')" if framework == "torch" else
+                 "import tensorflow as tf; info = tf.sysconfig.get_build_info(); "
+                 "print(info.get('cuda_version') if info.get('is_cuda_build') else 'none')")
+        reported = subprocess.run(["apptainer", "exec", str(image), "python", "-c", probe], capture_output=True,
+                                  text=True, check=True, timeout=300).stdout.strip().splitlines()[-1]
+        assert labels["cnnbench.cuda_build"] == reported

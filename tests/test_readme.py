@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, linked_checkout, require_tool, run_in_checkout, skip_or_fail
 
 DRY, REAL, CI, DEMO, AFTER_DEMO = "dry run", "real", "run by .ci/run", "make demo", "real, over the demo results"
+MAKE_DRY = "make -n"  # what the recipe would run (installs from indexes CI cannot reach, image builds)
 CHECKS = {
     "make demo": DEMO,
     "make test": CI,
@@ -29,6 +30,15 @@ CHECKS = {
     "snakemake --configfile config/full.yaml --cores 1 offline_files": REAL,
     "snakemake --configfile config/demo.yaml --cores all --directory demo-run": DRY,
     "make clean": REAL,
+    "make venv": MAKE_DRY,
+    "make venv GPU=1": MAKE_DRY,
+    'make containers CONTAINER_BUILD_ARGS="--torch-cuda cu126"': MAKE_DRY,
+}
+# A line each of those recipes must hold.
+MAKE_DRY_RUNS = {
+    "make venv": ".venv/bin/python -m pip install --quiet -r requirements.txt",
+    "make venv GPU=1": "TORCH_CUDA=cu130 .venv/bin/python -m pip install --quiet -r requirements-gpu.txt",
+    'make containers CONTAINER_BUILD_ARGS="--torch-cuda cu126"': "containers/build.sh --torch-cuda cu126",
 }
 
 
@@ -67,6 +77,15 @@ def test_training_commands_dry_run(command, tmp_path):
     assert result.returncode == 0, output[-5000:]
     assert "This was a dry-run" in output
     assert re.search(r"^train_(torch|keras)\s+\d+$", output, re.M), output[-3000:]  # it would train
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == MAKE_DRY])
+def test_make_commands_dry_run(command, tmp_path):
+    require_tool("make")
+    checkout = linked_checkout(tmp_path / "cnnbench")
+    result = run_in_checkout(checkout, "make -n -B" + command.removeprefix("make"))  # -B: whatever is built
+    assert result.returncode == 0, result.stderr
+    assert MAKE_DRY_RUNS[command] in result.stdout.splitlines(), result.stdout
 
 
 @pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == CI])

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
 from cnnbench.fileio import file_digest
+from cnnbench.gpu import GPU_COUNT_VARIABLES, GPU_INDEX_VARIABLES
 from cnnbench.metrics import validate_metrics
 from conftest import DEFAULT_HPARAMS, run_module, run_python
 
 MODEL_SUFFIX = {"torch": "model.pt", "keras": "model.keras"}
 
 
-def train(framework, variant, data, run_dir, hparams=None, extra=(), check=True, prelude=None):
+def train(framework, variant, data, run_dir, hparams=None, extra=(), check=True, prelude=None, env=None):
     hp = {**DEFAULT_HPARAMS, **(hparams or {})}
     return run_module(
         f"{framework}_trainer", "--variant", variant, "--seed", 0, "--data", data, "--hparams", json.dumps(hp),
         "--run-dir", run_dir, "--metrics", run_dir / "metrics.json", "--model-out", run_dir / MODEL_SUFFIX[framework],
-        *extra, check=check, prelude=prelude)
+        *extra, check=check, prelude=prelude, env=env)
+
+
+# Run before a trainer: nothing in its environment says the job was given a GPU.
+WITHOUT_GPU_VARIABLES = f"""
+import os
+for name in {[*GPU_INDEX_VARIABLES, *GPU_COUNT_VARIABLES]!r}:
+    os.environ.pop(name, None)
+"""
+
+
+def torch_cuda_build() -> str | None:
+    """torch.version.cuda, read from torch's version.py (importing torch here would put it in this process)."""
+    version_py = Path(importlib.util.find_spec("torch").submodule_search_locations[0]) / "version.py"
+    found = re.search(r"^cuda(?:: [^=]+)? = '([^']+)'", version_py.read_text(), re.M)
+    return found.group(1) if found else None
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path):
-    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path, {"epochs": 2})
+    # require_gpu: auto trains on the CPU when nothing says the job was given a GPU
+    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path,
+                   {"epochs": 2, "require_gpu": "auto"}, prelude=WITHOUT_GPU_VARIABLES)
+    assert "no GPU visible: training on the CPU" in result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     validate_metrics(metrics)
     assert metrics["variant"] == f"{framework}-alexnet-scratch" and metrics["framework"] == framework
@@ -35,8 +58,12 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
     assert metrics["config"]["epochs"] == 2 and metrics["config"]["image_size"] == 64
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
     assert metrics["environment"]["device"] == "cpu" and metrics["environment"]["container"] is None
+    assert metrics["environment"]["gpu"] is None  # GPU facts: none on the CPU
     if framework == "keras":
         assert metrics["environment"]["keras_backend"] == "tensorflow"
+        assert metrics["environment"]["cuda_build"] is None and metadata.version("tensorflow-cpu")
+    else:  # the CUDA build torch reports, even where it runs on the CPU
+        assert metrics["environment"]["cuda_build"] == torch_cuda_build()
     assert (tmp_path / MODEL_SUFFIX[framework]).stat().st_size > 1_000_000
     assert not (tmp_path / "checkpoint").exists()  # dropped once the run is complete
     # The progress bar's own lines (tqdm, ASCII in a log), distinct from log_epoch's summary line.
@@ -104,6 +131,42 @@ def test_require_gpu_fails_fast_without_one(framework, tiny_dataset, tmp_path):
     assert result.returncode == 1
     assert "require_gpu is true" in result.stderr and "set require_gpu: false" in result.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+# What a GPU host whose driver is too old for this venv's CUDA builds would show.
+FAKE_NVIDIA_SMI = '#!/bin/sh\necho "NVIDIA H200, 470.57.02"\n'
+
+
+@pytest.mark.parametrize("signal", ["CUDA_VISIBLE_DEVICES", "nvidia-smi"])
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_require_gpu_auto_stops_before_loading_data_when_a_gpu_was_expected(framework, signal, tmp_path):
+    """The data file does not exist: had the trainer loaded data before the check, it would fail on that."""
+    env = {"CUDA_VISIBLE_DEVICES": "0"}
+    if signal == "nvidia-smi":
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+        (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+        env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    result = train(framework, f"{framework}-alexnet-scratch", tmp_path / "no-data.npz", tmp_path / "run",
+                   {"require_gpu": "auto"}, check=False, env=env,
+                   prelude=WITHOUT_GPU_VARIABLES if signal == "nvidia-smi" else None)
+    message = result.stderr
+    assert result.returncode == 1, message
+    expected = ("CUDA_VISIBLE_DEVICES=0" if signal == "CUDA_VISIBLE_DEVICES"
+                else "nvidia-smi lists 1 GPU(s): NVIDIA H200, driver 470.57.02")
+    assert f"error: a GPU was expected ({expected}) but " in message
+    if framework == "keras":  # this venv's TensorFlow is tensorflow-cpu
+        assert "is a CPU-only build (the tensorflow-cpu package is installed): install tensorflow[and-cuda]" in message
+    elif torch_cuda_build() is None:
+        assert "is a CPU-only build (torch.version.cuda is None)" in message
+    elif signal == "nvidia-smi":  # a CUDA build (this venv's torch: CUDA 13.0) and the old driver
+        assert (f"the NVIDIA driver 470.57.02 (nvidia-smi) is too old for torch " in message
+                and f"built for CUDA {torch_cuda_build()}, which needs driver >= " in message)
+    else:
+        assert "no working NVIDIA driver on this machine (nvidia-smi is not installed here" in message
+    assert "set require_gpu: false" in message and "no-data.npz" not in message
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / MODEL_SUFFIX[framework]).exists()
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])

@@ -100,7 +100,8 @@ def coerce_command_line(values, schema: dict, root: dict | None = None):
     Snakemake parses a nested ``--config`` value (``train={epochs: 3}``, ``seeds=[0,1]``) with YAML's
     BaseLoader, which leaves every scalar a string. Each string where the schema does not accept one
     is parsed again as YAML (``'3'`` -> 3, ``'null'`` -> None); strings the schema wants (``compile:
-    on``) stay strings. A value that still has the wrong type is left for the schema to reject.
+    on``) stay strings, except one its ``enum`` does not list whose YAML value it does (``require_gpu:
+    true`` -> True). A value that still has the wrong type is left for the schema to reject.
     """
     root = schema if root is None else root
     node = _node(schema, root)
@@ -114,13 +115,21 @@ def coerce_command_line(values, schema: dict, root: dict | None = None):
         items = _node(node.get("items", {}), root)
         return [coerce_command_line(value, items, root) for value in values]
     if isinstance(values, str) and _types(node) and "string" not in _types(node):
-        import yaml  # only the Snakefile calls this; the trainers' images need no YAML
-
-        try:
-            return yaml.safe_load(values)
-        except yaml.YAMLError:
-            return values
+        return _parse_yaml(values)
+    if isinstance(values, str) and values not in node.get("enum", [values]):
+        parsed = _parse_yaml(values)  # `require_gpu: true`: the boolean its enum lists, not the string
+        if any(type(parsed) is type(choice) and parsed == choice for choice in node["enum"]):
+            return parsed
     return values
+
+
+def _parse_yaml(value: str):
+    import yaml  # only the Snakefile calls this; the trainers' images need no YAML
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def check_known_keys(config: dict, schema: dict) -> None:

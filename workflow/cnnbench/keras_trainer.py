@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from . import training
+from . import gpu, training
 from .fileio import atomic_path, write_json_atomic
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 
@@ -36,21 +36,104 @@ def import_keras(backend: str):
     return keras
 
 
-def gpu_name(backend: str) -> str | None:
-    """Name of the first GPU the backend sees, or None."""
+def gpu_devices(backend: str) -> list:
+    """The GPUs the backend sees (its own device objects)."""
     if backend == "tensorflow":
         import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu") if gpus else None
+        return tf.config.list_physical_devices("GPU")
     if backend == "jax":
         import jax
 
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
-        return gpus[0].device_kind if gpus else None
+        return [d for d in jax.devices() if d.platform == "gpu"]
     import torch
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def gpu_name(backend: str, devices: list) -> str:
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.get_device_details(devices[0]).get("device_name", "gpu")
+    if backend == "jax":
+        return devices[0].device_kind
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def jax_cuda_versions() -> tuple[str | None, str | None]:
+    """CUDA and cuDNN of JAX's CUDA plugin (jax-cuda12-plugin, ...), or (None, None) without one."""
+    plugins = [name for name in ("jax-cuda13-plugin", "jax-cuda12-plugin") if installed(name)]
+    if not plugins:
+        return None, None
+    cuda, cudnn = plugins[0].split("-")[1].removeprefix("cuda"), None
+    try:  # the exact versions, where this jaxlib exposes them
+        from jax._src.lib import cuda_versions
+
+        runtime = cuda_versions.cuda_runtime_get_version()
+        cuda = f"{runtime // 1000}.{runtime % 1000 // 10}"
+        cudnn = gpu.cudnn_version_string(cuda_versions.cudnn_get_version())
+    except Exception:  # noqa: BLE001 - private API: the plugin's major version is enough
+        pass
+    return cuda, cudnn
+
+
+def cuda_build(backend: str) -> tuple[str | None, str | None]:
+    """The CUDA and cuDNN versions the backend was built for; (None, None) for a CPU-only build."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        info = tf.sysconfig.get_build_info()
+        if not info.get("is_cuda_build"):
+            return None, None
+        return info.get("cuda_version"), info.get("cudnn_version")
+    if backend == "jax":
+        return jax_cuda_versions()
+    import torch
+
+    return torch.version.cuda, gpu.cudnn_version_string(torch.backends.cudnn.version()) if torch.version.cuda else None
+
+
+def framework_build(keras, backend: str) -> gpu.FrameworkBuild:
+    name = f"Keras {keras.__version__} on {backend} {backend_version(backend)}"
+    cuda = cuda_build(backend)[0]
+    if backend == "tensorflow":
+        evidence = ("the tensorflow-cpu package is installed" if installed("tensorflow-cpu")
+                    else "tf.sysconfig.get_build_info() says is_cuda_build False")
+        return gpu.FrameworkBuild(name, cuda, evidence, "install tensorflow[and-cuda] instead of tensorflow-cpu "
+                                  "(make venv GPU=1), or run in the tensorflow image built without --tf-cpu")
+    if backend == "jax":
+        return gpu.FrameworkBuild(name, cuda, "no jax-cuda12-plugin or jax-cuda13-plugin is installed",
+                                  f"install jax[cuda12]=={backend_version('jax')} (or jax[cuda13])")
+    return gpu.FrameworkBuild(name, cuda, "torch.version.cuda is None",
+                              "install torch's CUDA wheels (make venv GPU=1)")
+
+
+def gpu_environment(backend: str, devices: list) -> dict | None:
+    if not devices:
+        return None
+    cuda, cudnn = cuda_build(backend)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+    elif backend == "jax":
+        peak = (devices[0].memory_stats() or {}).get("peak_bytes_in_use")
+    else:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(0)
+    return gpu.gpu_facts(gpu_name(backend, devices), len(devices), cuda, cudnn, peak)
 
 
 def is_out_of_memory(err: Exception) -> bool:
@@ -143,13 +226,9 @@ def run(args: training.RunArgs, backend: str) -> dict:
     keras = import_keras(backend)
     from .keras_models import build_model, make_optimizer  # registers custom objects for loading too
 
-    device_name = gpu_name(backend)
-    if device_name is None:
-        if hp["require_gpu"]:
-            raise TrainingError(f"require_gpu is true but Keras ({backend} backend) sees no GPU. Run on a GPU "
-                                "node (with --nv for containers) or set require_gpu: false.")
-        warnings.warn("no GPU visible: training on the CPU, which is far slower", stacklevel=2)
-    elif hp["precision"] == "bf16":
+    devices = gpu_devices(backend)
+    gpu.check_gpu(hp["require_gpu"], bool(devices), framework_build(keras, backend))
+    if devices and hp["precision"] == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     data = training.load_data(args)
     class_names = data["class_names"]
@@ -197,9 +276,10 @@ def run(args: training.RunArgs, backend: str) -> dict:
     test_loss, _, predictions = evaluate(model, data["x_test"], data["y_test"], hp)
     with atomic_path(args.model_out) as tmp:
         model.save(tmp)
-    env = training.environment("gpu" if device_name else "cpu", device_name or "cpu",
+    env = training.environment("gpu" if devices else "cpu", gpu_name(backend, devices) if devices else "cpu",
                                f"keras {keras.__version__}, {backend} {backend_version(backend)}",
-                               args.container, keras_backend=backend)
+                               args.container, keras_backend=backend, gpu=gpu_environment(backend, devices),
+                               cuda_build=cuda_build(backend)[0])
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
                                      env)

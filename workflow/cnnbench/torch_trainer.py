@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import training
+from . import gpu, training
 from .fileio import atomic_path
 from .torch_models import build_model
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 from .weights import input_transform
 
 
-def select_device(require_gpu: bool) -> torch.device:
+def framework_build() -> gpu.FrameworkBuild:
+    return gpu.FrameworkBuild(f"torch {torch.__version__}", torch.version.cuda, "torch.version.cuda is None",
+                              "install torch's CUDA wheels (make venv GPU=1), or run in the torch image")
+
+
+def select_device(require_gpu) -> torch.device:
+    """The GPU when torch sees one; else the CPU, unless ``require_gpu`` (true, or auto with a GPU
+    expected: gpu.check_gpu) stops the run first."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if require_gpu:
-        raise TrainingError("require_gpu is true but torch sees no CUDA GPU (torch.cuda.is_available() is "
-                            "False). Run on a GPU node (with --nv for containers) or set require_gpu: false.")
-    warnings.warn("no CUDA GPU visible: training on the CPU, which is far slower", stacklevel=2)
+    gpu.check_gpu(require_gpu, False, framework_build())
     return torch.device("cpu")
+
+
+def gpu_environment(device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    return gpu.gpu_facts(torch.cuda.get_device_name(device), torch.cuda.device_count(), torch.version.cuda,
+                         gpu.cudnn_version_string(torch.backends.cudnn.version()),
+                         torch.cuda.max_memory_allocated(device))
 
 
 class Preprocess:
@@ -195,7 +206,8 @@ def run(args: training.RunArgs) -> dict:
         torch.save(network.state_dict(), tmp)
     env = training.environment(
         device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch.__version__, args.container, compiled=compiled)
+        torch.__version__, args.container, compiled=compiled, gpu=gpu_environment(device),
+        cuda_build=torch.version.cuda)
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
                                      env)
