@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cnnbench.config import parse_variant
+from cnnbench.config import loads_weights, parse_variant
 
 CLASS_NAMES = [f"class{i}" for i in range(10)]
 
@@ -31,8 +31,8 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
                    "image_size": 64},
         "data": {"source": "synthetic", "train_size": train_size, "val_size": 100, "test_size": 100,
                  "sha256": "a" * 64},
-        "weights": {"source": "standin" if init == "pretrained" else "none",
-                    "sha256": "b" * 64 if init == "pretrained" else None},
+        "weights": {"source": "standin" if loads_weights(init) else "none",
+                    "sha256": "b" * 64 if loads_weights(init) else None},
         "history": history,
         "test": {"loss": 1.5, "accuracy": correct / 100,
                  "per_class_accuracy": {name: matrix[i][i] / 10 for i, name in enumerate(CLASS_NAMES)},

@@ -34,6 +34,9 @@ def test_default_config_is_the_reference_experiment():
     assert train["momentum"] > 0
     assert train["mean"] == [0.485, 0.456, 0.406] and train["std"] == [0.229, 0.224, 0.225]
     assert resolve_hparams(config, "torch-alexnet-pretrained")["lr"] < resolve_hparams(config, "torch-alexnet-scratch")["lr"]
+    # Only the classifier trains, its head new: a higher rate than fine-tuning (config.yaml says why).
+    assert resolve_hparams(config, "keras-vgg16-frozen")["lr"] > resolve_hparams(config, "keras-vgg16-pretrained")["lr"]
+    assert config["init_overrides"] == {"pretrained": {"lr": 0.001}, "frozen": {"lr": 0.01}}  # the schema's default
     assert config["data"]["val_size"] == 5000 and config["weights"] == "imagenet"
 
 
@@ -43,7 +46,7 @@ def test_schema_fills_every_default():
     assert config["train"]["epochs"] == 10 and config["train"]["lr"] == 0.01
     assert config["data"]["source"] == "cifar10"
     assert config["data"]["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
-    assert config["init_overrides"] == {"pretrained": {"lr": 0.001}}
+    assert config["init_overrides"] == {"pretrained": {"lr": 0.001}, "frozen": {"lr": 0.01}}
     assert config["seeds"] == [0] and len(config["variants"]) == 4
 
 
@@ -84,7 +87,7 @@ def test_unknown_variant_lists_the_valid_ones():
         parse_variant("torch-resnet-scratch")
     with pytest.raises(ConfigError, match="variant_overrides names unknown variant"):
         resolve_hparams({"train": {}, "variant_overrides": {"jax-alexnet-scratch": {}}}, "torch-alexnet-scratch")
-    assert len(VALID_VARIANTS) == 8
+    assert len(VALID_VARIANTS) == 12 and "keras-alexnet-frozen" in VALID_VARIANTS
 
 
 @pytest.mark.parametrize("bad", [{"train": {"epochs": "ten"}}, {"train": {"lr": -1}},
@@ -176,6 +179,21 @@ def test_workflow_reports_config_errors_clearly():
     assert "'ten' is not of type 'integer'" in output
 
 
+def test_frozen_variants_load_the_pretrained_variants_files(tmp_path):
+    """The workflow hands a frozen run the very file its pretrained twin gets (Keras VGG16: Keras'
+    notop file by default), and the frozen learning rate."""
+    code, output = dry_run("variants=[torch-vgg16-frozen,keras-vgg16-frozen,keras-alexnet-frozen]",
+                           directory=tmp_path)
+    assert code == 0, output[-3000:]
+    commands = {match.group(1): match.group(0) for match in re.finditer(r"--variant (\S+) .*", output)}
+    weights = "--weights resources/weights/standin/{} --weights-source standin"
+    for variant, filename in (("torch-vgg16-frozen", "vgg16-397923af.pth"),
+                              ("keras-vgg16-frozen", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                              ("keras-alexnet-frozen", "alexnet-owt-7be5be79.keras.npz")):
+        assert weights.format(filename) in commands[variant], commands[variant]
+        assert '"lr": 0.01,' in commands[variant]
+
+
 def test_offline_files_lists_every_download_of_a_config(tmp_path):
     """The README's `offline_files` command for config/full.yaml: each file the workflow would
     download, with its URL and published hash, exactly the download jobs of a dry run."""
@@ -216,5 +234,7 @@ def test_offline_files_follow_the_config():
     config["variants"] = ["torch-alexnet-scratch", "keras-alexnet-pretrained"]  # ported from torch's AlexNet
     config["data"] = {**config["data"], "source": "imagefolder"}
     assert [Path(row[0]).name for row in offline_files(config)] == ["alexnet-owt-7be5be79.pth"]
+    config["variants"] = ["keras-vgg16-frozen"]  # the file of keras-vgg16-pretrained
+    assert [Path(row[0]).name for row in offline_files(config)] == ["vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"]
     config["weights"] = "standin"
     assert offline_files(config) == [] and "Nothing is downloaded" in offline_table([])

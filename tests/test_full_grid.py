@@ -9,18 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnnbench.config import VALID_VARIANTS
+from cnnbench.config import VALID_VARIANTS, parse_variant
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
 from conftest import REPO, removed_unless_failed, run_python
 from test_report import assert_statistics_recomputed
+from test_trainers import MODEL_SUFFIX, is_backbone_layer, unchanged_layers
 from test_workflow import job_counts, snakemake
 
 SEEDS = (0, 1, 2)
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The demo's synthetic data and settings under the full grid's variants and seeds, cut to one epoch
-# on 10 images per class so that 24 trainings (12 of them VGG16) fit in CI's time on 2 cores.
+# on 10 images per class so that 36 trainings (18 of them VGG16) fit in CI's time on 2 cores.
 CI_CUT = "data:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\n"
 # Two one-thread trainings at a time, so that one's process start (imports, model build) overlaps
 # the other's compute. With both cuts the grid took 414 s on 2 cores, against 659 s with 20 images
@@ -43,12 +44,31 @@ def grid_run(request, tmp_path_factory):
 def test_every_variant_and_seed_trained(grid_run):
     workdir, output = grid_run
     counts = job_counts(output)
-    assert counts["train_torch"] == counts["train_keras"] == 4 * len(SEEDS)
+    assert counts["train_torch"] == counts["train_keras"] == 6 * len(SEEDS)  # 2 models x 3 inits
     assert counts["port_torch_weights_to_keras"] == 2  # AlexNet and VGG16, once each
     for variant in VALID_VARIANTS:
         for seed in SEEDS:
             metrics = load_metrics(workdir / "results" / "runs" / variant / f"seed{seed}" / "metrics.json")
             assert (metrics["variant"], metrics["seed"]) == (variant, seed)
+            assert metrics["init"] == parse_variant(variant).init
+
+
+def test_frozen_runs_keep_the_staged_backbone_bit_identical(grid_run):
+    """Each *-frozen run loaded the file its pretrained twin loaded, and trained only its classifier:
+    its conv layers equal that file's, bit for bit, and the file-loaded fc1/fc2 moved."""
+    workdir, _ = grid_run
+    weights = workdir / "resources" / "weights" / "standin"
+    for framework in ("torch", "keras"):
+        for model, stem in (("alexnet", "alexnet-owt-7be5be79"), ("vgg16", "vgg16-397923af")):
+            staged = weights / (f"{stem}.pth" if framework == "torch" else f"{stem}{PORTED_SUFFIX}")
+            run = workdir / "results" / "runs" / f"{framework}-{model}-frozen" / "seed0"
+            twin = workdir / "results" / "runs" / f"{framework}-{model}-pretrained" / "seed0"
+            assert load_metrics(run / "metrics.json")["weights"] == load_metrics(twin / "metrics.json")["weights"] == {
+                "source": "standin", "sha256": file_digest(staged)}
+            unchanged = unchanged_layers(framework, run / MODEL_SUFFIX[framework], staged)
+            assert unchanged == {layer: is_backbone_layer(layer) for layer in unchanged}
+            assert sum(unchanged.values()) == {"alexnet": 5, "vgg16": 13}[model] and len(unchanged) - sum(
+                unchanged.values()) == 2, (framework, model)
 
 
 def logits_of(framework: str, model: str, weights: Path, images: Path) -> np.ndarray:
@@ -101,7 +121,9 @@ def test_statistics_and_paired_differences(grid_run):
     assert (stats["seeds"] == 3).all()
     assert_statistics_recomputed(workdir / "results")  # means, stds, t-intervals against scipy.stats
     differences = pd.read_csv(workdir / "results" / "paired_differences.csv")
-    assert len(differences) == 8 and (differences["paired_seeds"] == 3).all()
+    # pretrained - scratch and frozen - scratch per framework and model (8), torch - keras per model and init (6)
+    assert len(differences) == 14 and (differences["paired_seeds"] == 3).all()
+    assert {"frozen - scratch (keras vgg16)", "torch - keras (alexnet frozen)"} <= set(differences["comparison"])
     for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png"):
         assert (workdir / "results" / name).stat().st_size > 10_000
 

@@ -9,13 +9,25 @@ from conftest import run_module, run_python
 
 TORCH_SHAPES = """
 import json, torch
-from cnnbench.torch_models import build_model
+from cnnbench.torch_models import BACKBONE, build_model, trainable_parameters
 out = {}
 for name in ("alexnet", "vgg16"):
     model = build_model(name, num_classes=10).eval()
     with torch.no_grad():
         out[name] = list(model(torch.zeros(2, 3, 64, 64)).shape)
     out[name + "_params"] = sum(p.numel() for p in model.parameters())
+    frozen = build_model(name, num_classes=10, freeze_backbone=True)
+    frozen.eval()
+    frozen.train()  # what every epoch calls: the backbone must stay in inference mode
+    backbone = [getattr(frozen, child) for child in BACKBONE[name]]
+    features = frozen.features(torch.zeros(2, 3, 64, 64))
+    out[name + "_frozen"] = {
+        "trainable": sum(p.numel() for p in trainable_parameters(frozen)),
+        "backbone_training": any(m.training for part in backbone for m in part.modules()),
+        "classifier_training": all(m.training for m in frozen.classifier.modules()),
+        "backbone_gradient": any(p.requires_grad for part in backbone for p in part.parameters()),
+        "graph_through_backbone": features.requires_grad or features.grad_fn is not None,
+    }
 print(json.dumps(out))
 """
 
@@ -27,22 +39,46 @@ for name in ("alexnet", "vgg16"):
     model = build_model(name, 10, image_size=64, mean=[0.5] * 3, std=[0.25] * 3)
     out[name] = list(model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).shape)
     out[name + "_params"] = int(model.count_params())
+    frozen = build_model(name, 10, image_size=64, mean=[0.5] * 3, std=[0.25] * 3, freeze_backbone=True)
+    out[name + "_frozen"] = {
+        "trainable": int(sum(np.prod(v.shape) for v in frozen.trainable_variables)),
+        "trainable_layers": sorted({v.path.split("/")[0] for v in frozen.trainable_variables}),
+    }
 print(json.dumps(out))
 """
 
 
-def test_torch_output_shapes():
-    out = run_python(TORCH_SHAPES)
-    assert out["alexnet"] == [2, 10] and out["vgg16"] == [2, 10]
+@pytest.fixture(scope="module")
+def torch_out():
+    return run_python(TORCH_SHAPES)
 
 
-def test_keras_output_shapes_and_same_size_as_torch():
-    keras_out = run_python(KERAS_SHAPES)
-    torch_out = run_python(TORCH_SHAPES)
+@pytest.fixture(scope="module")
+def keras_out():
+    return run_python(KERAS_SHAPES)
+
+
+def test_torch_output_shapes(torch_out):
+    assert torch_out["alexnet"] == [2, 10] and torch_out["vgg16"] == [2, 10]
+
+
+def test_keras_output_shapes_and_same_size_as_torch(keras_out, torch_out):
     assert keras_out["alexnet"] == [2, 10] and keras_out["vgg16"] == [2, 10]
     # Same architecture in both frameworks: the same number of parameters, layer for layer.
     assert keras_out["alexnet_params"] == torch_out["alexnet_params"] == 57_044_810
     assert keras_out["vgg16_params"] == torch_out["vgg16_params"]
+
+
+def test_frozen_backbone_trains_only_the_classifier_in_both_frameworks(torch_out, keras_out):
+    """The `frozen` init: the same parameters trainable in both frameworks (the classifier's three
+    Linear/Dense layers), torch's backbone without gradient and in inference mode after train()."""
+    # classifier: 9216 (AlexNet, 256x6x6) or 25088 (VGG16, 512x7x7) -> 4096 -> 4096 -> 10, with biases
+    for name, flat in (("alexnet", 256 * 6 * 6), ("vgg16", 512 * 7 * 7)):
+        classifier = (flat + 1) * 4096 + (4096 + 1) * 4096 + (4096 + 1) * 10
+        assert torch_out[f"{name}_frozen"] == {"trainable": classifier, "backbone_training": False,
+                                               "classifier_training": True, "backbone_gradient": False,
+                                               "graph_through_backbone": False}, name
+        assert keras_out[f"{name}_frozen"] == {"trainable": classifier, "trainable_layers": ["fc1", "fc2", "head"]}
 
 
 def test_keras_adaptive_pooling_follows_torch_bins():
@@ -90,14 +126,16 @@ def test_keras_standin_weights_have_published_notop_layout(tmp_path):
     loaded = run_python(f"""
 import json, numpy as np, h5py
 from cnnbench.keras_models import build_model
-model = build_model("vgg16", 10, 64, [0.5] * 3, [0.25] * 3, weights={str(out)!r})
+model = build_model("vgg16", 10, 64, [0.5] * 3, [0.25] * 3, weights={str(out)!r}, freeze_backbone=True)
 kernel = model.get_layer("vgg16").get_layer("block1_conv1").kernel
 with h5py.File({str(out)!r}) as f:
     group = f["block1_conv1"]
     stored = np.asarray(group[group.attrs["weight_names"][0]])
-print(json.dumps({{"equal": bool(np.array_equal(np.asarray(kernel), stored))}}))
+trainable = sorted({{v.path.split("/")[0] for v in model.trainable_variables}})
+print(json.dumps({{"equal": bool(np.array_equal(np.asarray(kernel), stored)), "trainable": trainable}}))
 """)
-    assert loaded == {"equal": True}
+    # The frozen init loads the same file; every layer it fills stays out of training.
+    assert loaded == {"equal": True, "trainable": ["fc1", "fc2", "head"]}
 
 
 def test_keras_alexnet_has_no_published_weights():

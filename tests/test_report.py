@@ -128,6 +128,32 @@ def test_statistics_over_seeds(tmp_path, seeded_files):
     assert f"0.5 [{0.5 - half_width:.4g}, {0.5 + half_width:.4g}]" in markdown
 
 
+def test_frozen_runs_are_summarized_and_compared_beside_pretrained(tmp_path):
+    """frozen - scratch sits beside pretrained - scratch (same framework and model), and torch - keras
+    compares the frozen pair too; a frozen run's weights count as pretrained weights in the facts."""
+    files = []
+    for seed, (scratch, pretrained, frozen, keras_frozen) in enumerate([(0.40, 0.60, 0.55, 0.50),
+                                                                        (0.50, 0.65, 0.50, 0.40)]):
+        for variant, accuracy in (("torch-vgg16-scratch", scratch), ("torch-vgg16-pretrained", pretrained),
+                                  ("torch-vgg16-frozen", frozen), ("keras-vgg16-frozen", keras_frozen)):
+            files.append(write_metrics(tmp_path, make_metrics(variant, seed, test_accuracy=accuracy)))
+    code, out = run_report(tmp_path, files)
+    assert code == 0
+    assert (pd.read_csv(out / "variant_stats.csv").set_index("variant").loc["torch-vgg16-frozen", "seeds"]) == 2
+    differences = pd.read_csv(out / "paired_differences.csv")
+    assert list(differences["comparison"]) == ["pretrained - scratch (torch vgg16)", "frozen - scratch (torch vgg16)",
+                                               "torch - keras (vgg16 frozen)"]
+    frozen_gain = differences.set_index("comparison").loc["frozen - scratch (torch vgg16)"]
+    assert (frozen_gain["a"], frozen_gain["b"]) == ("torch-vgg16-frozen", "torch-vgg16-scratch")
+    assert frozen_gain["test_accuracy_diff_mean"] == pytest.approx((0.15 + 0.0) / 2)
+    assert_statistics_recomputed(out)
+    markdown = (out / "summary.md").read_text()
+    assert "| frozen - scratch (torch vgg16)" in markdown and "| keras-vgg16-frozen" in markdown
+    frozen_only = [f for f in files if "frozen" in str(f)]
+    facts = report.summary_facts([json.loads(f.read_text()) for f in frozen_only])
+    assert facts["weights"] == ["standin"]
+
+
 def test_markdown_and_plots(tmp_path, metrics_files):
     _, out = run_report(tmp_path, metrics_files)
     markdown = (out / "summary.md").read_text()
@@ -231,5 +257,5 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
     assert "pretrained weights: standin" in html
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
-    assert "<strong>Missing: 20 of the 24 expected runs have no results here: keras-alexnet-pretrained/seed0" in html
+    assert "<strong>Missing: 32 of the 36 expected runs have no results here: keras-alexnet-frozen/seed0" in html
     assert "torch-vgg16-scratch/seed2" in html

@@ -124,6 +124,60 @@ print(json.dumps([layer.name for layer in model.layers]))
         assert "rgb_to_bgr" in layers
 
 
+# Run with MODEL (a frozen run's model file) and WEIGHTS (the file it loaded): prints {layer: whether
+# the trained weights equal the file's}, for every layer the file holds but the 1000-class head.
+FROZEN_CHECK = {"torch": """
+import json, torch
+trained = torch.load(MODEL, weights_only=True)
+loaded = torch.load(WEIGHTS, weights_only=True)
+head = max((key for key in loaded if key.startswith("classifier.")), key=lambda k: int(k.split(".")[1]))
+layers = {key.rsplit(".", 1)[0] for key in loaded} - {head.rsplit(".", 1)[0]}
+print(json.dumps({layer: all(torch.equal(trained[f"{layer}.{kind}"], loaded[f"{layer}.{kind}"])
+                             for kind in ("weight", "bias")) for layer in sorted(layers)}))
+""", "keras": """
+import json, keras, numpy as np
+import cnnbench.keras_models  # registers the custom layers for loading
+from cnnbench.keras_models import _layers_by_name
+trained = _layers_by_name(keras.saving.load_model(MODEL))
+with np.load(WEIGHTS) as loaded:
+    layers = sorted({key.split("/")[0] for key in loaded.files} - {"head"})
+    print(json.dumps({layer: all(np.array_equal(np.asarray(variable), loaded[f"{layer}/{variable.name}"])
+                                 for variable in trained[layer].weights) for layer in layers}))
+"""}
+
+
+def unchanged_layers(framework: str, model_file, weights) -> dict[str, bool]:
+    return run_python(f"MODEL, WEIGHTS = {str(model_file)!r}, {str(weights)!r}\n" + FROZEN_CHECK[framework])
+
+
+def is_backbone_layer(layer: str) -> bool:
+    """torchvision's `features.N`, the Keras models' `convN` / `blockB_convC`."""
+    return layer.startswith("features.") or "conv" in layer
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_frozen_training_keeps_the_backbone_bit_identical_to_the_weights_file(framework, tiny_dataset, tmp_path):
+    """AlexNet from torchvision's file (Keras: its port): after training with weight decay, every conv
+    layer equals the file's, bit for bit, while the classifier's file-loaded layers (fc1, fc2) moved."""
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    run_module("torch_models", "standin", "--model", "alexnet", "--out", weights)
+    if framework == "keras":
+        ported = tmp_path / "alexnet-owt-7be5be79.keras.npz"
+        run_module("torch_models", "port", "--model", "alexnet", "--weights", weights, "--out", ported)
+        weights = ported
+    run_dir = tmp_path / "run"
+    train(framework, f"{framework}-alexnet-frozen", tiny_dataset, run_dir, {"lr": 0.05},
+          extra=("--weights", weights, "--weights-source", "standin"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["init"] == "frozen" and metrics["weights"] == {"source": "standin", "sha256": file_digest(weights)}
+    unchanged = unchanged_layers(framework, run_dir / MODEL_SUFFIX[framework], weights)
+    backbone = {"torch": ["features.0", "features.3", "features.6", "features.8", "features.10"],
+                "keras": ["conv1", "conv2", "conv3", "conv4", "conv5"]}[framework]
+    classifier = {"torch": ["classifier.1", "classifier.4"], "keras": ["fc1", "fc2"]}[framework]
+    assert unchanged == {**dict.fromkeys(backbone, True), **dict.fromkeys(classifier, False)}
+    assert all(is_backbone_layer(layer) for layer in backbone) and not any(map(is_backbone_layer, classifier))
+
+
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_require_gpu_fails_fast_without_one(framework, tiny_dataset, tmp_path):
     result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path, {"require_gpu": True},

@@ -2,6 +2,10 @@
 
 A run is named ``{framework}-{model}-{init}`` plus a seed. Hyperparameters resolve in three
 layers: ``train`` (defaults for all) <- ``init_overrides[init]`` <- ``variant_overrides[variant]``.
+
+The initialisations: ``scratch`` (random weights, everything trains), ``pretrained`` (ImageNet
+weights, everything trains: fine-tuning) and ``frozen`` (the same ImageNet weights; the model's
+backbone, its convolutional feature extractor, is frozen and only the classifier trains).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import NamedTuple
 
 FRAMEWORKS = ("torch", "keras")
 MODELS = ("alexnet", "vgg16")
-INITS = ("scratch", "pretrained")
+INITS = ("scratch", "pretrained", "frozen")
 VALID_VARIANTS = tuple("-".join(parts) for parts in itertools.product(FRAMEWORKS, MODELS, INITS))
 REFERENCE_VARIANTS = (
     "torch-alexnet-scratch", "keras-alexnet-scratch",
@@ -31,6 +35,16 @@ class Variant(NamedTuple):
     @property
     def name(self) -> str:
         return f"{self.framework}-{self.model}-{self.init}"
+
+
+def loads_weights(init: str) -> bool:
+    """Whether an initialisation starts from an ImageNet weights file (the same file for both)."""
+    return init in ("pretrained", "frozen")
+
+
+def freezes_backbone(init: str) -> bool:
+    """Whether the backbone stays as loaded: no gradient, no weight decay, inference mode."""
+    return init == "frozen"
 
 
 def parse_variant(name: str) -> Variant:

@@ -23,6 +23,10 @@ from .weights import input_transform
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 ALEXNET_FEATURES = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
                     (256, 3, 1, 1, False), (256, 3, 1, 1, True))  # filters, kernel, stride, pad, pool after
+# Each network's backbone: the layers (by name) that the `frozen` init keeps as loaded, the same part
+# as torch_models.BACKBONE; the classifier (fc1, fc2, head) trains.
+BACKBONE = {"alexnet": tuple(f"conv{index}" for index in range(1, len(ALEXNET_FEATURES) + 1)),
+            "vgg16": ("vgg16",)}
 
 
 @keras.saving.register_keras_serializable(package="cnnbench")
@@ -143,9 +147,11 @@ def classifier(x, num_classes: int, dropout: float, model: str):
 
 def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout: float = 0.5,
                 input_shape=(32, 32, 3), weights: str | Path | None = None,
-                preprocessing_mode: str = "imagenet") -> keras.Model:
+                preprocessing_mode: str = "imagenet", freeze_backbone: bool = False) -> keras.Model:
     """The ``name`` network on uint8 ``input_shape`` images, with ``weights`` loaded where given;
-    ``preprocessing_mode`` (imagenet or caffe) is the input transform inside the model."""
+    ``preprocessing_mode`` (imagenet or caffe) is the input transform inside the model. With
+    ``freeze_backbone`` the ``BACKBONE`` layers are not trainable: the optimizer never sees their
+    variables (no update, no weight decay) and BatchNormalization in them runs in inference mode."""
     weights = Path(weights) if weights is not None else None
     ported = weights is not None and weights.suffix == ".npz"
     inputs = keras.Input(input_shape, dtype="uint8", name="images")
@@ -167,6 +173,9 @@ def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout
     model = keras.Model(inputs, outputs, name=f"{name}_cifar")
     if ported:
         load_ported_weights(model, weights, include_head=(num_classes == 1000))
+    if freeze_backbone:
+        for layer_name in BACKBONE[name]:
+            model.get_layer(layer_name).trainable = False
     return model
 
 

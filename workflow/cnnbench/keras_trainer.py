@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import gpu, training
+from .config import freezes_backbone
 from .fileio import atomic_path, write_json_atomic
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 
@@ -241,7 +242,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
     if model is None:
         model = build_model(args.model, len(class_names), hp["image_size"], hp["mean"], hp["std"],
                             hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights,
-                            preprocessing_mode=hp["preprocessing"])
+                            preprocessing_mode=hp["preprocessing"], freeze_backbone=freezes_backbone(args.init))
         model.compile(optimizer=make_optimizer(hp, steps_per_epoch=-(-len(y_train) // hp["batch_size"])),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"],

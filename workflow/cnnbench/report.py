@@ -2,7 +2,8 @@
 
 Writes into ``--out-dir``: summary.csv (one row per run), variant_stats.csv (per variant over
 seeds: mean, standard deviation, 95% t-interval of test accuracy and training time),
-paired_differences.csv (the report's questions, paired by seed), summary.md (all three tables),
+paired_differences.csv (the report's questions, paired by seed: pretrained - scratch,
+frozen - scratch, torch - keras), summary.md (all three tables),
 learning_curves.png, per_class_accuracy.png, confusion_matrices.png, and summary_facts.json: which
 runs, data, input size, epochs and weights the summary holds, and which expected runs it lacks (what
 the Snakemake report's captions say, whatever config the report is built with).
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import FRAMEWORKS, INITS, MODELS, loads_weights
 from .fileio import atomic_path, write_text_atomic
 from .metrics import MetricsError, load_metrics
 
@@ -87,12 +89,14 @@ def variant_stats(runs: pd.DataFrame) -> pd.DataFrame:
 def comparisons(variants: set[str]) -> list[tuple[str, str, str]]:
     """(question, minuend, subtrahend) for every pair of configured variants that answers one."""
     pairs = []
-    for framework in ("torch", "keras"):
-        for model in ("alexnet", "vgg16"):
-            pairs.append((f"pretrained - scratch ({framework} {model})",
-                          f"{framework}-{model}-pretrained", f"{framework}-{model}-scratch"))
-    for model in ("alexnet", "vgg16"):
-        for init in ("scratch", "pretrained"):
+    for framework in FRAMEWORKS:
+        for model in MODELS:
+            for init in INITS:  # what ImageNet weights gain over random ones, fine-tuned or frozen
+                if loads_weights(init):
+                    pairs.append((f"{init} - scratch ({framework} {model})",
+                                  f"{framework}-{model}-{init}", f"{framework}-{model}-scratch"))
+    for model in MODELS:
+        for init in INITS:
             pairs.append((f"torch - keras ({model} {init})", f"torch-{model}-{init}", f"keras-{model}-{init}"))
     return [pair for pair in pairs if pair[1] in variants and pair[2] in variants]
 
@@ -143,7 +147,7 @@ def summary_facts(metrics_list: list[dict], expected: list[str] | None = None) -
                          for m in metrics_list}),
         "image_size": sorted({m["config"]["image_size"] for m in metrics_list}),
         "epochs": sorted({len(m["history"]) for m in metrics_list}),
-        "weights": sorted({m["weights"]["source"] for m in metrics_list if m["init"] == "pretrained"}),
+        "weights": sorted({m["weights"]["source"] for m in metrics_list if loads_weights(m["init"])}),
         "missing": sorted(set(expected or []) - set(runs)),
     }
 
@@ -156,7 +160,7 @@ def describe_runs(facts: dict) -> str:
     """One paragraph (plain text that is also valid Markdown and reStructuredText) about the runs."""
     splits = "; ".join(f"{train} train, {val} validation, {test} test images" for train, val, test in facts["split"])
     sizes = _listing(f"{size}x{size}" for size in facts["image_size"])
-    weights = _listing(facts["weights"]) if facts["weights"] else "none (no pretrained variant)"
+    weights = _listing(facts["weights"]) if facts["weights"] else "none (no pretrained or frozen variant)"
     return (f"Summarized runs ({len(facts['runs'])}): {_listing(facts['runs'])}. Data: "
             f"{_listing(facts['data'])} ({splits}), input resized to {sizes}; epochs: {_listing(facts['epochs'])}; "
             f"pretrained weights: {weights}.")

@@ -13,20 +13,51 @@ from torch import nn
 from .fileio import atomic_path
 
 ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16}
+# Each network's backbone: the child modules that the `frozen` init keeps as loaded (the convolutional
+# feature extractor); the rest (here `classifier`) trains. keras_models.BACKBONE names the same part.
+BACKBONE = {"alexnet": ("features",), "vgg16": ("features",)}
 
 
-def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None,
+                freeze_backbone: bool = False) -> nn.Module:
     """torchvision's ``name``, optionally loaded with ImageNet ``weights``, with a ``num_classes`` head.
 
     Weights load into the 1000-class network first (the file's own layout), then the last
-    linear layer is replaced, so fine-tuning keeps every pretrained layer but the head.
+    linear layer is replaced, so fine-tuning keeps every pretrained layer but the head. With
+    ``freeze_backbone`` the backbone is frozen (see ``freeze``).
     """
     model = ARCHITECTURES[name](weights=None, dropout=dropout)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     model.classifier[-1] = new_head(name, model.classifier[-1].in_features, num_classes)
+    if freeze_backbone:
+        freeze(model, [getattr(model, child) for child in BACKBONE[name]])
     return model
+
+
+def freeze(model: nn.Module, backbone: list[nn.Module]) -> None:
+    """Keep ``backbone`` as it is: its parameters need no gradient (so autograd records nothing
+    through it, and ``trainable_parameters`` leaves them out of the optimizer and its weight decay),
+    and it stays in inference mode (BatchNorm uses and keeps its running statistics) even when
+    ``model.train()`` is called, as every epoch does."""
+    for module in backbone:
+        module.requires_grad_(False)
+    set_mode = model.train
+
+    def train(mode: bool = True) -> nn.Module:
+        set_mode(mode)
+        for module in backbone:
+            module.eval()
+        return model
+
+    model.train = train
+    train(model.training)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer updates (and decays): every parameter outside a frozen backbone."""
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
 def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from . import gpu, training
 from .fileio import atomic_path
-from .torch_models import build_model
+from .config import freezes_backbone
+from .torch_models import build_model, trainable_parameters
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 from .weights import input_transform
 
@@ -75,7 +76,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, epoch_seed, stop, desc):
-    model.train()
+    model.train()  # a frozen backbone stays in inference mode (torch_models.freeze)
     torch.manual_seed(epoch_seed)  # dropout masks of this epoch
     order = torch.from_numpy(training.epoch_order(len(y), epoch_seed, hp)).to(device)
     batch_size = hp["batch_size"]
@@ -159,9 +160,10 @@ def run(args: training.RunArgs) -> dict:
     class_names = data["class_names"]
 
     torch.manual_seed(args.seed)
-    model = build_model(args.model, len(class_names), hp["dropout"], args.weights)
+    model = build_model(args.model, len(class_names), hp["dropout"], args.weights,
+                        freeze_backbone=freezes_backbone(args.init))
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=hp["lr"], momentum=hp["momentum"],
                                 weight_decay=hp["weight_decay"], nesterov=hp["nesterov"])
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch=-(-len(data["y_train"]) // hp["batch_size"]))
     fingerprint = training.run_fingerprint(args, data["sha256"])

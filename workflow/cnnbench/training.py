@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .config import ConfigError, parse_variant
+from .config import ConfigError, loads_weights, parse_variant
 from .data import load_prepared
 from .fileio import file_digest, write_json_atomic, write_text_atomic
 from .metrics import SCHEMA_VERSION, validate_metrics
@@ -81,7 +81,7 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     parser.add_argument("--run-dir", type=Path, required=True, help="directory for checkpoints")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.json to write")
     parser.add_argument("--model-out", type=Path, required=True, help="trained model file to write")
-    parser.add_argument("--weights", type=Path, default=None, help="pretrained weights file (pretrained init)")
+    parser.add_argument("--weights", type=Path, default=None, help="ImageNet weights file (pretrained, frozen)")
     parser.add_argument("--weights-source", choices=["imagenet", "standin", "none"], default="none")
     parser.add_argument("--container", help="container image the run uses (recorded in the metrics); "
                         "defaults to the image Apptainer/Singularity reports",
@@ -98,9 +98,9 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
         parser.error(str(err))
     if args.framework != framework:
         parser.error(f"variant {args.variant} is not a {framework} variant")
-    if args.init == "pretrained" and (args.weights is None or args.weights_source == "none"):
-        parser.error("a pretrained variant needs --weights and --weights-source imagenet|standin")
-    if args.init == "scratch":
+    if loads_weights(args.init) and (args.weights is None or args.weights_source == "none"):
+        parser.error(f"a {args.init} variant needs --weights and --weights-source imagenet|standin")
+    if not loads_weights(args.init):
         args.weights, args.weights_source = None, "none"
     if args.weights is not None and not args.weights.exists():
         parser.error(f"weights file {args.weights} does not exist: run the workflow's weights rule "

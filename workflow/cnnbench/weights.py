@@ -13,6 +13,7 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import loads_weights
 from .fileio import atomic_path, file_digest, stream_to_file
 
 
@@ -61,7 +62,7 @@ PORTED_SUFFIX = ".keras.npz"
 
 def weights_path(weights_dir: str | Path, source: str, framework: str, model: str,
                  keras_vgg16_weights: str = "keras") -> Path:
-    """The staged file a pretrained ``framework``-``model`` variant loads.
+    """The staged file a pretrained (or frozen) ``framework``-``model`` variant loads.
 
     Keras AlexNet (no published Keras weights) and, with ``keras_vgg16_weights: torch``, Keras
     VGG16 load torchvision's file ported to the Keras layout (``cnnbench.port``), so both
@@ -120,7 +121,7 @@ def offline_files(config: dict) -> list[tuple[str, str, str, str]]:
     if config["weights"] == "imagenet":
         specs = {published_source(weights_path("", "imagenet", framework, model, config["keras_vgg16_weights"]))
                  for framework, model, init in (variant.split("-") for variant in config["variants"])
-                 if init == "pretrained"}
+                 if loads_weights(init)}
         for spec in sorted(specs, key=lambda spec: spec.filename):
             rows.append((str(Path(config["weights_dir"]) / "imagenet" / spec.filename), spec.url,
                          spec.algorithm, spec.digest))

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
-from cnnbench.config import ConfigError, parse_variant, resolve_hparams  # noqa: E402
+from cnnbench.config import INITS, ConfigError, loads_weights, parse_variant, resolve_hparams  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, run_name  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, offline_files, offline_table, weights_path  # noqa: E402
 
@@ -116,7 +116,7 @@ if using_apptainer():
 wildcard_constraints:
     framework="torch|keras",
     model="alexnet|vgg16",
-    init="scratch|pretrained",
+    init="|".join(INITS),
     seed=r"\d+",
 
 
@@ -129,15 +129,15 @@ def hparams_json(wildcards):
 
 
 def pretrained_weights(wildcards):
-    """The staged weights file of a pretrained variant; nothing for a scratch one."""
-    if wildcards.init == "scratch":
+    """The staged weights file of a pretrained or frozen variant (the same file); nothing for a scratch one."""
+    if not loads_weights(wildcards.init):
         return []
     return str(weights_path(WEIGHTS_DIR, config["weights"], wildcards.framework, wildcards.model,
                             config["keras_vgg16_weights"]))
 
 
 def weights_args(wildcards, input):
-    if wildcards.init == "scratch":
+    if not loads_weights(wildcards.init):
         return ""
     return f"--weights {input.weights} --weights-source {config['weights']}"
 
