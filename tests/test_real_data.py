@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cnnbench.metrics import load_metrics
-from conftest import REPO, skip_or_fail
+from conftest import skip_or_fail
 from test_workflow import snakemake
 
 # Seen here (2 cores, 64x64, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 64, 10,000 train

@@ -214,7 +214,7 @@ def test_require_gpu_auto_stops_before_loading_data_when_a_gpu_was_expected(fram
     elif torch_cuda_build() is None:
         assert "is a CPU-only build (torch.version.cuda is None)" in message
     elif signal == "nvidia-smi":  # a CUDA build (this venv's torch: CUDA 13.0) and the old driver
-        assert (f"the NVIDIA driver 470.57.02 (nvidia-smi) is too old for torch " in message
+        assert ("the NVIDIA driver 470.57.02 (nvidia-smi) is too old for torch " in message
                 and f"built for CUDA {torch_cuda_build()}, which needs driver >= " in message)
     else:
         assert "no working NVIDIA driver on this machine (nvidia-smi is not installed here" in message
