@@ -1,4 +1,4 @@
-"""torchvision AlexNet and VGG16 with a new classification head; stand-in weights."""
+"""torchvision AlexNet, VGG16 and ResNet-50 with a new classification head; stand-in weights."""
 
 from __future__ import annotations
 
@@ -12,27 +12,40 @@ from torch import nn
 
 from .fileio import atomic_path
 
-ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16}
+# ResNet-50 is torchvision's v1.5 (the 3x3 conv of a bottleneck strides); it has no dropout.
+ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16,
+                 "resnet50": torchvision.models.resnet50}
+# The module path of each network's last linear layer, the head a fine-tuning run replaces;
+# everything else is the backbone.
+HEADS = {"alexnet": "classifier.6", "vgg16": "classifier.6", "resnet50": "fc"}
+
+
+def architecture(name: str, dropout: float = 0.5) -> nn.Module:
+    if name == "resnet50":
+        return ARCHITECTURES[name](weights=None)
+    return ARCHITECTURES[name](weights=None, dropout=dropout)
 
 
 def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None) -> nn.Module:
     """torchvision's ``name``, optionally loaded with ImageNet ``weights``, with a ``num_classes`` head.
 
     Weights load into the 1000-class network first (the file's own layout), then the last
-    linear layer is replaced, so fine-tuning keeps every pretrained layer but the head.
+    linear layer (``HEADS``) is replaced, so fine-tuning keeps every pretrained layer but the head.
     """
-    model = ARCHITECTURES[name](weights=None, dropout=dropout)
+    model = architecture(name, dropout)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    model.classifier[-1] = new_head(name, model.classifier[-1].in_features, num_classes)
+    old_head = model.get_submodule(HEADS[name])
+    model.set_submodule(HEADS[name], new_head(name, old_head.in_features, num_classes))
     return model
 
 
 def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:
     """The new last layer, initialised by torchvision's rule for ``name`` (Keras' models use the same):
-    VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet has no
-    rule of its own, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) stays."""
+    VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet and
+    ResNet have no rule of their own for it, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    stays."""
     head = nn.Linear(in_features, num_classes)
     if name == "vgg16":
         nn.init.normal_(head.weight, 0.0, 0.01)
@@ -43,7 +56,7 @@ def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:
 def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
     """Randomly initialised ImageNet-shaped weights, saved exactly like torchvision's files."""
     torch.manual_seed(seed)
-    state = ARCHITECTURES[name](weights=None).state_dict()
+    state = architecture(name).state_dict()
     with atomic_path(out) as tmp:
         torch.save(state, tmp)
 
