@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import MODELS
 from .fileio import atomic_path, write_text_atomic
 from .metrics import MetricsError, load_metrics
 
@@ -88,10 +89,10 @@ def comparisons(variants: set[str]) -> list[tuple[str, str, str]]:
     """(question, minuend, subtrahend) for every pair of configured variants that answers one."""
     pairs = []
     for framework in ("torch", "keras"):
-        for model in ("alexnet", "vgg16"):
+        for model in MODELS:
             pairs.append((f"pretrained - scratch ({framework} {model})",
                           f"{framework}-{model}-pretrained", f"{framework}-{model}-scratch"))
-    for model in ("alexnet", "vgg16"):
+    for model in MODELS:
         for init in ("scratch", "pretrained"):
             pairs.append((f"torch - keras ({model} {init})", f"torch-{model}-{init}", f"keras-{model}-{init}"))
     return [pair for pair in pairs if pair[1] in variants and pair[2] in variants]
