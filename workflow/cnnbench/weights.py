@@ -132,7 +132,7 @@ def resolve_preprocessing(requested: str, weights: str | Path | None) -> str:
     """The input transform a run uses: ``requested``, or for ``auto`` the one ``weights`` were trained on.
 
     ``imagenet`` (RGB / 255, normalised by ``mean``/``std``): torchvision's files, files ported from
-    them and scratch runs; ``caffe``: Keras' published VGG16 file (see ``CAFFE_BGR_MEAN``).
+    them and scratch runs; ``caffe``: Keras' published VGG16 and ResNet-50 files (see ``CAFFE_BGR_MEAN``).
     """
     if requested not in ("auto", "imagenet", "caffe"):
         raise ValueError(f"unknown preprocessing {requested!r}: use auto, imagenet or caffe")
