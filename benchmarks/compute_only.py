@@ -86,7 +86,7 @@ def keras_loop(model_name, image_size, batch_size, steps, warmup, precision, com
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", choices=["torch", "keras"], required=True)
-    parser.add_argument("--model", choices=["alexnet", "vgg16"], required=True)
+    parser.add_argument("--model", choices=["alexnet", "vgg16", "resnet50"], required=True)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)

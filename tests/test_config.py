@@ -217,8 +217,10 @@ def test_offline_files_lists_every_download_of_a_config(tmp_path):
             "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "sha256", "7be5be79"],
         "resources/weights/imagenet/vgg16-397923af.pth": [
             "https://download.pytorch.org/models/vgg16-397923af.pth", "sha256", "397923af"],
+        "resources/weights/imagenet/resnet50-11ad3fa6.pth": [
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth", "sha256", "11ad3fa6"],
     }
-    # Exactly what the workflow itself would download (keras_vgg16_weights: torch: no Keras notop file).
+    # Exactly what the workflow itself would download (keras_{vgg16,resnet50}_weights: torch: no Keras file).
     plan = snakemake("-n")
     downloads = re.findall(r"rule download_\w+:\n(?:    .*\n)*?    output: (\S+)", plan)
     assert sorted(downloads) == sorted(rows)
@@ -238,3 +240,29 @@ def test_offline_files_follow_the_config():
     assert [Path(row[0]).name for row in offline_files(config)] == ["vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"]
     config["weights"] = "standin"
     assert offline_files(config) == [] and "Nothing is downloaded" in offline_table([])
+
+
+def test_resnet50_weights_follow_the_config_keys():
+    """keras_resnet50_weights picks the port of torchvision's file (default) or Keras' own notop file;
+    torch_resnet50_weights picks torchvision's release, for torch and for the port alike."""
+    from cnnbench.weights import offline_files, weights_path
+
+    config = load("config.yaml")
+    config["variants"] = ["torch-resnet50-pretrained", "keras-resnet50-pretrained"]
+    validate(config, SCHEMA)  # fills the defaults: keras_resnet50_weights torch, torch_resnet50_weights v2
+    assert (config["keras_resnet50_weights"], config["torch_resnet50_weights"]) == ("torch", "v2")
+    staged = {framework: weights_path("w", "imagenet", framework, "resnet50", config).name
+              for framework in ("torch", "keras")}
+    assert staged == {"torch": "resnet50-11ad3fa6.pth", "keras": "resnet50-11ad3fa6.keras.npz"}
+    assert [Path(row[0]).name for row in offline_files(config)] == ["cifar-10-python.tar.gz", "resnet50-11ad3fa6.pth"]
+    config["torch_resnet50_weights"] = "v1"
+    assert weights_path("w", "standin", "keras", "resnet50", config).name == "resnet50-0676ba61.keras.npz"
+    assert [row[1] for row in offline_files(config)][1:] == ["https://download.pytorch.org/models/resnet50-0676ba61.pth"]
+    config["keras_resnet50_weights"] = "keras"
+    rows = offline_files(config)
+    assert [(Path(row[0]).name, row[2], row[3]) for row in rows][1:] == [
+        ("resnet50-0676ba61.pth", "sha256", "0676ba61"),
+        ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "md5", "4d473c1dd8becc155b73f8504c6f6626")]
+    config["torch_resnet50_weights"] = "v3"
+    with pytest.raises(WorkflowError):
+        validate(config, SCHEMA)

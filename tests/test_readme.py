@@ -117,7 +117,8 @@ def test_offline_files_command_lists_every_download(tmp_path):
     assert result.returncode == 0, output[-5000:]
     for path, digest in (("resources/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
                          ("resources/weights/imagenet/alexnet-owt-7be5be79.pth", "7be5be79"),
-                         ("resources/weights/imagenet/vgg16-397923af.pth", "397923af")):
+                         ("resources/weights/imagenet/vgg16-397923af.pth", "397923af"),
+                         ("resources/weights/imagenet/resnet50-11ad3fa6.pth", "11ad3fa6")):
         assert re.search(rf"^{re.escape(path)}\thttps://\S+\t(md5|sha256)\t{digest}$", output, re.M), path
 
 

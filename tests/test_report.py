@@ -257,5 +257,5 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
     assert "pretrained weights: standin" in html
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
-    assert "<strong>Missing: 32 of the 36 expected runs have no results here: keras-alexnet-frozen/seed0" in html
+    assert "<strong>Missing: 50 of the 54 expected runs have no results here: keras-alexnet-frozen/seed0" in html
     assert "torch-vgg16-scratch/seed2" in html

@@ -250,3 +250,37 @@ print(json.dumps({{"loss": loss, "accuracy": accuracy}}))
 """)
     assert epoch["train_loss"] == pytest.approx(out["loss"], rel=1e-5)
     assert epoch["train_accuracy"] == pytest.approx(out["accuracy"], abs=1e-9)
+
+
+# Each ResNet-50 variant through its trainer: one step per epoch at 64x64 keeps it to seconds of compute.
+RESNET50_WEIGHTS = {  # weights: how the test makes the file (framework's stand-in, or torch's ported)
+    "torch-resnet50-scratch": None,
+    "keras-resnet50-scratch": None,
+    "torch-resnet50-pretrained": ("torch", "resnet50-11ad3fa6.pth", "imagenet"),
+    "keras-resnet50-pretrained": ("ported", "resnet50-11ad3fa6.keras.npz", "imagenet"),
+    "keras-resnet50-pretrained-keras-file": ("keras", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "caffe"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESNET50_WEIGHTS))
+def test_resnet50_variants_train(case, tiny_dataset, tmp_path):
+    variant = "-".join(case.split("-")[:3])
+    framework = variant.split("-")[0]
+    extra, preprocessing = (), "imagenet"
+    if RESNET50_WEIGHTS[case] is not None:
+        source, name, preprocessing = RESNET50_WEIGHTS[case]
+        weights = tmp_path / name
+        if source == "ported":
+            run_module("torch_models", "standin", "--model", "resnet50", "--out", tmp_path / "resnet50-11ad3fa6.pth")
+            run_module("torch_models", "port", "--model", "resnet50", "--weights", tmp_path / "resnet50-11ad3fa6.pth",
+                       "--out", weights)
+        else:
+            run_module(f"{source}_models", "standin", "--model", "resnet50", "--out", weights)
+        extra = ("--weights", weights, "--weights-source", "standin")
+    train(framework, variant, tiny_dataset, tmp_path / "run", {"max_steps_per_epoch": 1}, extra=extra)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    validate_metrics(metrics)
+    assert metrics["variant"] == variant and metrics["config"]["preprocessing"] == preprocessing
+    assert len(metrics["history"]) == 1 and sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
+    assert metrics["weights"]["sha256"] == (file_digest(extra[1]) if extra else None)
+    assert (tmp_path / "run" / MODEL_SUFFIX[framework]).stat().st_size > 50_000_000  # 25.6M parameters in fp32

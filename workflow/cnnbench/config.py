@@ -14,7 +14,7 @@ import itertools
 from typing import NamedTuple
 
 FRAMEWORKS = ("torch", "keras")
-MODELS = ("alexnet", "vgg16")
+MODELS = ("alexnet", "vgg16", "resnet50")
 INITS = ("scratch", "pretrained", "frozen")
 VALID_VARIANTS = tuple("-".join(parts) for parts in itertools.product(FRAMEWORKS, MODELS, INITS))
 REFERENCE_VARIANTS = (

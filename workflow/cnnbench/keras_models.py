@@ -1,6 +1,6 @@
-"""Keras 3 AlexNet and VGG16 in torchvision's layout and initialisation; stand-in weights.
+"""Keras 3 AlexNet, VGG16 and ResNet-50 in torchvision's layout and initialisation; stand-in weights.
 
-Both networks take uint8 images and do the conversion, resize and normalisation inside the
+The networks take uint8 images and do the conversion, resize and normalisation inside the
 model, so the whole input pipeline runs on the device in the backend's own ops. Before the
 first dense layer the feature map is flattened in channels-first order, like torchvision, so
 that weights can be ported between the frameworks by a plain transpose.
@@ -23,10 +23,16 @@ from .weights import input_transform
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 ALEXNET_FEATURES = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
                     (256, 3, 1, 1, False), (256, 3, 1, 1, True))  # filters, kernel, stride, pad, pool after
+# torchvision's ResNet-50 (v1.5): per stage (layer1..layer4) the bottleneck width, blocks and stride.
+RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+RESNET50_EXPANSION = 4
+# The backbone of every model is the sub-model (vgg16, resnet50) or the layers before the head;
+# the head, the last dense layer that fine-tuning replaces, is the layer named HEAD.
+HEAD = "head"
 # Each network's backbone: the layers (by name) that the `frozen` init keeps as loaded, the same part
 # as torch_models.BACKBONE; the classifier (fc1, fc2, head) trains.
 BACKBONE = {"alexnet": tuple(f"conv{index}" for index in range(1, len(ALEXNET_FEATURES) + 1)),
-            "vgg16": ("vgg16",)}
+            "vgg16": ("vgg16",), "resnet50": ("resnet50",)}
 
 
 @keras.saving.register_keras_serializable(package="cnnbench")
@@ -83,6 +89,32 @@ class ReverseChannels(layers.Layer):
         return keras.ops.flip(inputs, axis=-1)
 
 
+@keras.saving.register_keras_serializable(package="cnnbench")
+class TorchBatchNormalization(layers.BatchNormalization):
+    """torch.nn.BatchNorm2d in Keras: in training, normalise by the batch's biased variance (both do),
+    but move the running variance towards the unbiased one (n / (n - 1) times it, n values per
+    channel), as torch does and Keras' own layer does not. Build it with ``momentum=0.9`` for
+    torch's 0.1 (Keras weighs the old value) and ``epsilon=1e-5``."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        ops = keras.ops
+        inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(inputs, None)
+        count = ops.cast(ops.size(inputs), inputs.dtype) / ops.cast(ops.size(mean), inputs.dtype)
+        unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
+        momentum = self.momentum
+        self.moving_mean.assign(ops.cast(self.moving_mean, inputs.dtype) * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            ops.cast(self.moving_variance, inputs.dtype) * momentum + unbiased * (1.0 - momentum))
+        gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
+        beta = ops.cast(self.beta, inputs.dtype) if self.center else None
+        outputs = ops.batch_normalization(inputs, mean, variance, axis=self.axis, offset=beta, scale=gamma,
+                                          epsilon=self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+
 def preprocessing(inputs, image_size: int, mean, std, mode: str = "imagenet"):
     """uint8 RGB -> float32 resized (bilinear, half-pixel like torch), then transformed as ``mode`` says:
     ``imagenet`` (/255, ``mean``/``std``) or ``caffe`` (BGR, minus Keras' VGG16 means), see
@@ -121,6 +153,69 @@ def vgg16_base(input_shape) -> keras.Model:
     return keras.Model(inputs, x, name="vgg16")
 
 
+def _kaiming_fan_out():
+    """torchvision's conv init (VGG, ResNet): kaiming_normal_(mode="fan_out", nonlinearity="relu")."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def _resnet_conv(x, filters: int, kernel: int, stride: int, name: str):
+    """A bias-free conv padded like torch's (kernel // 2 on every side): a strided conv gets explicit
+    zero padding, since Keras' 'same' pads only the bottom/right of an even-sized map."""
+    padding = "same" if kernel > 1 else "valid"
+    if kernel > 1 and stride > 1:
+        x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+        padding = "valid"
+    return layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, name=name,
+                         kernel_initializer=_kaiming_fan_out())(x)
+
+
+def _batch_norm(name: str):
+    """torch.nn.BatchNorm2d's defaults (momentum 0.1, eps 1e-5; gamma 1, beta 0 as torchvision sets)."""
+    return TorchBatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+
+
+def _bottleneck(x, planes: int, stride: int, downsample: bool, name: str):
+    """torchvision's Bottleneck (v1.5: the 3x3 conv strides); layers named after its modules."""
+    out = x
+    for index, (filters, kernel, conv_stride) in enumerate(
+            ((planes, 1, 1), (planes, 3, stride), (planes * RESNET50_EXPANSION, 1, 1)), start=1):
+        out = _resnet_conv(out, filters, kernel, conv_stride, f"{name}_conv{index}")
+        out = _batch_norm(f"{name}_bn{index}")(out)
+        if index < 3:
+            out = layers.ReLU(name=f"{name}_relu{index}")(out)
+    identity = x
+    if downsample:
+        identity = _resnet_conv(x, planes * RESNET50_EXPANSION, 1, stride, f"{name}_downsample_0")
+        identity = _batch_norm(f"{name}_downsample_1")(identity)
+    out = layers.Add(name=f"{name}_add")([out, identity])
+    return layers.ReLU(name=f"{name}_out")(out)
+
+
+def resnet50_base(input_shape) -> keras.Model:
+    """torchvision's ResNet-50 without avgpool and fc, its layer names with "_" for "." (``port``)."""
+    inputs = keras.Input(input_shape, name="features_input")
+    x = _resnet_conv(inputs, 64, 7, 2, "conv1")
+    x = _batch_norm("bn1")(x)
+    x = layers.ReLU(name="relu")(x)
+    x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)  # torch pads with -inf; after a ReLU 0 is the same
+    x = layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
+    for stage, (planes, blocks, stride) in enumerate(RESNET50_STAGES, start=1):
+        for block in range(blocks):
+            x = _bottleneck(x, planes, stride if block == 0 else 1, block == 0, f"layer{stage}_{block}")
+    return keras.Model(inputs, x, name="resnet50")
+
+
+def keras_resnet50_base(input_shape) -> keras.Model:
+    """keras.applications.ResNet50 without its top (v1: the first 1x1 conv strides; conv biases),
+    the network Keras' published file fits; its BatchNorm momentum set to torch's (0.1)."""
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=tuple(input_shape),
+                                       name="resnet50")
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = 0.9
+    return base
+
+
 def classifier(x, num_classes: int, dropout: float, model: str):
     """torchvision's classifier head; the feature map is flattened channels-first like torch."""
     x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
@@ -141,7 +236,15 @@ def classifier(x, num_classes: int, dropout: float, model: str):
         kernel_init, bias_init = _torch_default_init(fan_in)
     else:
         kernel_init, bias_init = keras.initializers.RandomNormal(0.0, 0.01), "zeros"
-    return layers.Dense(num_classes, name="head", dtype="float32",
+    return layers.Dense(num_classes, name=HEAD, dtype="float32",
+                        kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+
+
+def resnet_head(x, num_classes: int):
+    """torchvision ResNet's avgpool (to 1x1) and fc, which keeps nn.Linear's default init."""
+    x = layers.GlobalAveragePooling2D(name="avgpool")(x)
+    kernel_init, bias_init = _torch_default_init(x.shape[-1])
+    return layers.Dense(num_classes, name=HEAD, dtype="float32",
                         kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
 
 
@@ -167,9 +270,17 @@ def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout
             base.load_weights(str(weights))  # the published Keras notop file (legacy HDF5)
         x = base(x)
         x = AdaptiveAveragePooling((7, 7), name="avgpool")(x)
+    elif name == "resnet50":
+        # torchvision's network unless Keras' own published file (keras.applications' layout) is given.
+        if weights is not None and not ported:
+            base = keras_resnet50_base((image_size, image_size, 3))
+            base.load_weights(str(weights))
+        else:
+            base = resnet50_base((image_size, image_size, 3))
+        x = base(x)
     else:
-        raise ValueError(f"unknown model {name!r}; use alexnet or vgg16")
-    outputs = classifier(x, num_classes, dropout, name)
+        raise ValueError(f"unknown model {name!r}; use alexnet, vgg16 or resnet50")
+    outputs = resnet_head(x, num_classes) if name == "resnet50" else classifier(x, num_classes, dropout, name)
     model = keras.Model(inputs, outputs, name=f"{name}_cifar")
     if ported:
         load_ported_weights(model, weights, include_head=(num_classes == 1000))
@@ -189,7 +300,8 @@ def _layers_by_name(model) -> dict:
 
 
 def load_ported_weights(model: keras.Model, path: str | Path, include_head: bool = False) -> None:
-    """Assign weights ported from torchvision (``port.torch_to_keras``) to layers of the same name.
+    """Assign weights ported from torchvision (``port.torch_to_keras``) to layers of the same name,
+    each variable by its name (kernel, bias, gamma, beta, moving_mean, moving_variance).
 
     The 1000-class ImageNet head is skipped unless ``include_head`` (fine-tuning gets a new head).
     """
@@ -197,12 +309,22 @@ def load_ported_weights(model: keras.Model, path: str | Path, include_head: bool
 
     layers_by_name = _layers_by_name(model)
     with np.load(path) as arrays:
-        names = sorted({key.split("/")[0] for key in arrays.files})
-        for name in names:
-            if name == "head" and not include_head:
-                continue
-            layer = layers_by_name[name]
-            layer.set_weights([arrays[f"{name}/kernel"], arrays[f"{name}/bias"]])
+        stored: dict[str, dict] = {}
+        for key in arrays.files:
+            layer_name, variable = key.split("/")
+            stored.setdefault(layer_name, {})[variable] = arrays[key]
+    weighted = {name for name, layer in layers_by_name.items()
+                if layer.weights and not isinstance(layer, keras.Model) and name != HEAD}
+    missing, foreign = weighted - set(stored), set(stored) - set(layers_by_name)
+    if missing or foreign:
+        raise ValueError(f"{path} does not fit {model.name}: no weights for {sorted(missing)}, weights for "
+                         f"unknown layers {sorted(foreign)}; port the torchvision file of this model "
+                         "(python -m cnnbench.torch_models port --model ...)")
+    for name, values in stored.items():
+        if name == HEAD and not include_head:
+            continue
+        layer = layers_by_name[name]
+        layer.set_weights([values[variable.name] for variable in layer.weights])
 
 
 @keras.saving.register_keras_serializable(package="cnnbench")
@@ -255,14 +377,15 @@ def make_optimizer(hp: dict, steps_per_epoch: int):
 
 
 def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
-    """Random VGG16 conv weights saved in the legacy HDF5 layout of the published notop file."""
-    if name != "vgg16":
-        raise ValueError("stand-in Keras weights exist for vgg16 only (the published Keras file)")
+    """Random conv weights saved in the legacy HDF5 layout of the published notop file of ``name``."""
+    bases = {"vgg16": vgg16_base, "resnet50": keras_resnet50_base}
+    if name not in bases:
+        raise ValueError(f"stand-in Keras weights exist for {' and '.join(bases)} only (the published Keras files)")
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
     keras.utils.set_random_seed(seed)
-    base = vgg16_base((224, 224, 3))
+    base = bases[name]((224, 224, 3))
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, base)
 
@@ -270,8 +393,8 @@ def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stand-in weights in Keras' published format.")
     commands = parser.add_subparsers(dest="command", required=True)
-    standin = commands.add_parser("standin", help="write random VGG16 notop weights in the published HDF5 layout")
-    standin.add_argument("--model", required=True, choices=["vgg16"])
+    standin = commands.add_parser("standin", help="write random notop weights in the published HDF5 layout")
+    standin.add_argument("--model", required=True, choices=["vgg16", "resnet50"])
     standin.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     write_standin_weights(args.model, args.out)

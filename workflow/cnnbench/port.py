@@ -1,10 +1,12 @@
-"""Port torchvision AlexNet/VGG16 weights to the Keras models of ``keras_models`` (numpy only).
+"""Port torchvision AlexNet/VGG16/ResNet-50 weights to the Keras models of ``keras_models`` (numpy only).
 
 Layouts: a torch conv kernel is (out, in, kh, kw), Keras' is (kh, kw, in, out); a torch linear
 weight is (out, in), Keras' dense kernel is (in, out). The first dense layer needs no reordering
 of its inputs because the Keras models flatten their last feature map channels-first, as torch
-does (``keras_models.classifier``). The result is an ``.npz`` keyed ``{layer}/kernel`` and
-``{layer}/bias`` by Keras layer name.
+does (``keras_models.classifier``); ResNet's is global-average-pooled. BatchNorm's weight, bias,
+running mean and running variance become Keras' gamma, beta, moving_mean and moving_variance
+(torch's ``num_batches_tracked`` counts steps only). The result is an ``.npz`` keyed
+``{layer}/{variable}`` by Keras layer and variable name (``kernel``, ``bias``, ``gamma``, ...).
 """
 
 from __future__ import annotations
@@ -15,6 +17,37 @@ VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG16_CONV_NAMES = tuple(f"block{b}_conv{c}" for b, convs in enumerate((2, 2, 3, 3, 3), start=1)
                          for c in range(1, convs + 1))
 
+RESNET50_BLOCKS = (3, 4, 6, 3)  # bottlenecks per stage, layer1..layer4
+
+
+def resnet50_modules() -> dict[str, str]:
+    """torchvision ResNet-50's conv, BatchNorm and linear modules -> kind (conv, bn, linear)."""
+    modules = {"conv1": "conv", "bn1": "bn"}
+    for stage, blocks in enumerate(RESNET50_BLOCKS, start=1):
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            for index in (1, 2, 3):
+                modules[f"{prefix}.conv{index}"], modules[f"{prefix}.bn{index}"] = "conv", "bn"
+            if block == 0:
+                modules[f"{prefix}.downsample.0"], modules[f"{prefix}.downsample.1"] = "conv", "bn"
+    modules["fc"] = "linear"
+    return modules
+
+
+def keras_layer_name(torch_module: str) -> str:
+    """The Keras ResNet-50's layer for a torchvision module: dots become underscores, fc the head."""
+    return "head" if torch_module == "fc" else torch_module.replace(".", "_")
+
+
+# torch parameter -> Keras variable, by module kind; torchvision's convs in ResNet have no bias.
+VARIABLES = {
+    "conv": {"weight": "kernel"},
+    "conv_bias": {"weight": "kernel", "bias": "bias"},
+    "linear": {"weight": "kernel", "bias": "bias"},
+    "bn": {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"},
+}
+IGNORED = ("num_batches_tracked",)
+
 # torch module prefix -> Keras layer name
 TORCH_TO_KERAS = {
     "alexnet": {"features.0": "conv1", "features.3": "conv2", "features.6": "conv3", "features.8": "conv4",
@@ -24,17 +57,27 @@ TORCH_TO_KERAS = {
 }
 
 
+def layout(model: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """torch module -> (Keras layer, {torch parameter: Keras variable}) for every weighted module."""
+    if model == "resnet50":
+        return {module: (keras_layer_name(module), VARIABLES[kind]) for module, kind in resnet50_modules().items()}
+    return {module: (layer, VARIABLES["conv_bias"]) for module, layer in TORCH_TO_KERAS[model].items()}
+
+
 def torch_to_keras(model: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keras-layout arrays for every layer of torchvision ``model``'s ``state`` (a state_dict as numpy)."""
-    expected = {f"{prefix}.{kind}" for prefix in TORCH_TO_KERAS[model] for kind in ("weight", "bias")}
-    missing, unexpected = expected - set(state), set(state) - expected
+    modules = layout(model)
+    expected = {f"{module}.{parameter}" for module, (_, variables) in modules.items() for parameter in variables}
+    given = {key for key in state if key.rsplit(".", 1)[-1] not in IGNORED}
+    missing, unexpected = expected - given, given - expected
     if missing or unexpected:
         raise ValueError(f"not a torchvision {model} state_dict: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
     ported = {}
-    for prefix, layer in TORCH_TO_KERAS[model].items():
-        weight = np.asarray(state[f"{prefix}.weight"], dtype=np.float32)
-        kernel = weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
-        ported[f"{layer}/kernel"] = np.ascontiguousarray(kernel)
-        ported[f"{layer}/bias"] = np.asarray(state[f"{prefix}.bias"], dtype=np.float32)
+    for module, (layer, variables) in modules.items():
+        for parameter, variable in variables.items():
+            value = np.asarray(state[f"{module}.{parameter}"], dtype=np.float32)
+            if variable == "kernel":
+                value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+            ported[f"{layer}/{variable}"] = np.ascontiguousarray(value)
     return ported

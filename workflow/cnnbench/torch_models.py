@@ -1,4 +1,4 @@
-"""torchvision AlexNet and VGG16 with a new classification head; stand-in weights."""
+"""torchvision AlexNet, VGG16 and ResNet-50 with a new classification head; stand-in weights."""
 
 from __future__ import annotations
 
@@ -12,10 +12,22 @@ from torch import nn
 
 from .fileio import atomic_path
 
-ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16}
+# ResNet-50 is torchvision's v1.5 (the 3x3 conv of a bottleneck strides); it has no dropout.
+ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16,
+                 "resnet50": torchvision.models.resnet50}
+# The module path of each network's last linear layer, the head a fine-tuning run replaces;
+# the rest of the network.
+HEADS = {"alexnet": "classifier.6", "vgg16": "classifier.6", "resnet50": "fc"}
 # Each network's backbone: the child modules that the `frozen` init keeps as loaded (the convolutional
-# feature extractor); the rest (here `classifier`) trains. keras_models.BACKBONE names the same part.
-BACKBONE = {"alexnet": ("features",), "vgg16": ("features",)}
+# feature extractor); the rest trains. keras_models.BACKBONE names the same part.
+BACKBONE = {"alexnet": ("features",), "vgg16": ("features",),
+            "resnet50": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")}
+
+
+def architecture(name: str, dropout: float = 0.5) -> nn.Module:
+    if name == "resnet50":
+        return ARCHITECTURES[name](weights=None)
+    return ARCHITECTURES[name](weights=None, dropout=dropout)
 
 
 def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None,
@@ -23,14 +35,15 @@ def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str 
     """torchvision's ``name``, optionally loaded with ImageNet ``weights``, with a ``num_classes`` head.
 
     Weights load into the 1000-class network first (the file's own layout), then the last
-    linear layer is replaced, so fine-tuning keeps every pretrained layer but the head. With
-    ``freeze_backbone`` the backbone is frozen (see ``freeze``).
+    linear layer (``HEADS``) is replaced, so fine-tuning keeps every pretrained layer but the head.
+    With ``freeze_backbone`` the backbone is frozen (see ``freeze``).
     """
-    model = ARCHITECTURES[name](weights=None, dropout=dropout)
+    model = architecture(name, dropout)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    model.classifier[-1] = new_head(name, model.classifier[-1].in_features, num_classes)
+    old_head = model.get_submodule(HEADS[name])
+    model.set_submodule(HEADS[name], new_head(name, old_head.in_features, num_classes))
     if freeze_backbone:
         freeze(model, [getattr(model, child) for child in BACKBONE[name]])
     return model
@@ -62,8 +75,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:
     """The new last layer, initialised by torchvision's rule for ``name`` (Keras' models use the same):
-    VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet has no
-    rule of its own, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) stays."""
+    VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet and
+    ResNet have no rule of their own for it, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    stays."""
     head = nn.Linear(in_features, num_classes)
     if name == "vgg16":
         nn.init.normal_(head.weight, 0.0, 0.01)
@@ -74,7 +88,7 @@ def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:
 def write_standin_weights(name: str, out: str | Path, seed: int = 0) -> None:
     """Randomly initialised ImageNet-shaped weights, saved exactly like torchvision's files."""
     torch.manual_seed(seed)
-    state = ARCHITECTURES[name](weights=None).state_dict()
+    state = architecture(name).state_dict()
     with atomic_path(out) as tmp:
         torch.save(state, tmp)
 

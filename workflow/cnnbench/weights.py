@@ -42,48 +42,98 @@ PRETRAINED = {
         "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "md5", "6d6bbae143d832006294945121d1f1fc", preprocessing="caffe"),
+    ("torch", "resnet50"): WeightsFile(  # IMAGENET1K_V2, torchvision's default
+        "resnet50-11ad3fa6.pth", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+        "sha256", "11ad3fa6"),
+    # keras.applications.ResNet50 (v1: stride on the first 1x1 conv), its WEIGHTS_HASHES notop md5.
+    ("keras", "resnet50"): WeightsFile(
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "md5", "4d473c1dd8becc155b73f8504c6f6626", preprocessing="caffe"),
 }
+
+# Releases selectable by a config key (``torch_resnet50_weights``); PRETRAINED holds each default.
+RELEASES = {
+    ("torch", "resnet50"): {
+        "v2": PRETRAINED[("torch", "resnet50")],
+        "v1": WeightsFile(  # IMAGENET1K_V1, the original torchvision ResNet-50
+            "resnet50-0676ba61.pth", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            "sha256", "0676ba61"),
+    },
+}
+
+# Config keys choosing between weights files, with their defaults (the schema's).
+WEIGHTS_CHOICES = {"keras_vgg16_weights": "keras", "keras_resnet50_weights": "torch", "torch_resnet50_weights": "v2"}
+
+
+def published_files() -> list[tuple[tuple[str, str], WeightsFile]]:
+    """Every published file as ((framework, model), spec), each release once."""
+    files = dict.fromkeys(PRETRAINED.values())
+    for releases in RELEASES.values():
+        files.update(dict.fromkeys(releases.values()))
+    owners = {spec: key for key, releases in RELEASES.items() for spec in releases.values()}
+    owners.update({spec: key for key, spec in PRETRAINED.items()})
+    return [(owners[spec], spec) for spec in files]
 
 # keras.applications.vgg16.preprocess_input ("caffe" mode): BGR order, these means off 0-255 values.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
-def weights_file(framework: str, model: str) -> WeightsFile:
+def weights_file(framework: str, model: str, release: str | None = None) -> WeightsFile:
+    """The published file of ``framework``-``model``: its default, or ``release`` where it has several."""
     try:
-        return PRETRAINED[(framework, model)]
+        spec = PRETRAINED[(framework, model)]
     except KeyError:
         available = ", ".join(f"{f}-{m}" for f, m in PRETRAINED)
         raise WeightsError(f"no pretrained weights are published for {framework}-{model}; "
                            f"pretrained variants exist for: {available}") from None
+    if release is None:
+        return spec
+    releases = RELEASES.get((framework, model), {})
+    if release not in releases:
+        raise WeightsError(f"{framework}-{model} has no weights release {release!r}; "
+                           f"choose one of: {', '.join(releases) or 'none (it has one file)'}")
+    return releases[release]
+
+
+def torch_resnet50_release(choices: dict) -> str:
+    return choices.get("torch_resnet50_weights", WEIGHTS_CHOICES["torch_resnet50_weights"])
 
 
 PORTED_SUFFIX = ".keras.npz"
 
 
 def weights_path(weights_dir: str | Path, source: str, framework: str, model: str,
-                 keras_vgg16_weights: str = "keras") -> Path:
-    """The staged file a pretrained (or frozen) ``framework``-``model`` variant loads.
+                 choices: dict | None = None) -> Path:
+    """The staged file a pretrained (or frozen) ``framework``-``model`` variant loads, as the config's
+    ``choices`` (the keys of ``WEIGHTS_CHOICES``; missing ones take their defaults) say.
 
-    Keras AlexNet (no published Keras weights) and, with ``keras_vgg16_weights: torch``, Keras
-    VGG16 load torchvision's file ported to the Keras layout (``cnnbench.port``), so both
-    frameworks fine-tune from identical weights.
+    Keras AlexNet (no published Keras weights) and, with ``keras_vgg16_weights: torch`` or
+    ``keras_resnet50_weights: torch``, Keras VGG16 or ResNet-50 load torchvision's file ported to
+    the Keras layout (``cnnbench.port``), so both frameworks fine-tune from identical weights.
+    ``torch_resnet50_weights`` (v2 or v1) picks torchvision's ResNet-50 release, for both.
     """
-    if framework == "keras" and (model == "alexnet" or keras_vgg16_weights == "torch"):
-        torch_file = Path(weights_file("torch", model).filename)
+    choices = {**WEIGHTS_CHOICES, **(choices or {})}
+    release = torch_resnet50_release(choices) if model == "resnet50" else None
+    ported = framework == "keras" and (model == "alexnet" or choices.get(f"keras_{model}_weights") == "torch")
+    if ported:
+        torch_file = Path(weights_file("torch", model, release).filename)
         return Path(weights_dir) / source / (torch_file.stem + PORTED_SUFFIX)
-    return Path(weights_dir) / source / weights_file(framework, model).filename
+    own_release = release if framework == "torch" else None  # Keras' own file has one release
+    return Path(weights_dir) / source / weights_file(framework, model, own_release).filename
 
 
 def published_spec(path: str | Path) -> WeightsFile | None:
     """The published file ``path`` is a copy of (by name), or None for a derived file."""
-    return next((spec for spec in PRETRAINED.values() if spec.filename == Path(path).name), None)
+    return next((spec for _, spec in published_files() if spec.filename == Path(path).name), None)
 
 
 def resolve_preprocessing(requested: str, weights: str | Path | None) -> str:
     """The input transform a run uses: ``requested``, or for ``auto`` the one ``weights`` were trained on.
 
     ``imagenet`` (RGB / 255, normalised by ``mean``/``std``): torchvision's files, files ported from
-    them and scratch runs; ``caffe``: Keras' published VGG16 file (see ``CAFFE_BGR_MEAN``).
+    them and scratch runs; ``caffe``: Keras' published VGG16 and ResNet-50 files (see ``CAFFE_BGR_MEAN``).
     """
     if requested not in ("auto", "imagenet", "caffe"):
         raise ValueError(f"unknown preprocessing {requested!r}: use auto, imagenet or caffe")
@@ -119,7 +169,7 @@ def offline_files(config: dict) -> list[tuple[str, str, str, str]]:
     if data["source"] == "cifar10":
         rows.append((data["cifar10"]["path"], data["cifar10"]["url"], "md5", data["cifar10"]["md5"]))
     if config["weights"] == "imagenet":
-        specs = {published_source(weights_path("", "imagenet", framework, model, config["keras_vgg16_weights"]))
+        specs = {published_source(weights_path("", "imagenet", framework, model, config))
                  for framework, model, init in (variant.split("-") for variant in config["variants"])
                  if loads_weights(init)}
         for spec in sorted(specs, key=lambda spec: spec.filename):
@@ -166,11 +216,12 @@ def fetch(spec: WeightsFile, dest: str | Path, timeout: float = 60.0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download and verify published ImageNet weights.")
     parser.add_argument("--framework", required=True, choices=["torch", "keras"])
-    parser.add_argument("--model", required=True, choices=["alexnet", "vgg16"])
+    parser.add_argument("--model", required=True, choices=sorted({model for _, model in PRETRAINED}))
+    parser.add_argument("--release", default=None, help="a release where the model has several (resnet50: v2, v1)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     try:
-        spec = weights_file(args.framework, args.model)
+        spec = weights_file(args.framework, args.model, args.release)
         if args.out.exists():
             verify(args.out, spec)
         else:

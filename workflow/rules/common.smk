@@ -6,9 +6,9 @@ from pathlib import Path
 PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
-from cnnbench.config import INITS, ConfigError, loads_weights, parse_variant, resolve_hparams  # noqa: E402
+from cnnbench.config import INITS, MODELS, ConfigError, loads_weights, parse_variant, resolve_hparams  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, run_name  # noqa: E402
-from cnnbench.weights import PORTED_SUFFIX, PRETRAINED, offline_files, offline_table, weights_path  # noqa: E402
+from cnnbench.weights import PORTED_SUFFIX, offline_files, offline_table, published_files, RELEASES, weights_path  # noqa: E402
 
 
 # ------------------------------------------------------------- containers (--use-singularity)
@@ -115,7 +115,7 @@ if using_apptainer():
 
 wildcard_constraints:
     framework="torch|keras",
-    model="alexnet|vgg16",
+    model="|".join(MODELS),
     init="|".join(INITS),
     seed=r"\d+",
 
@@ -132,8 +132,7 @@ def pretrained_weights(wildcards):
     """The staged weights file of a pretrained or frozen variant (the same file); nothing for a scratch one."""
     if not loads_weights(wildcards.init):
         return []
-    return str(weights_path(WEIGHTS_DIR, config["weights"], wildcards.framework, wildcards.model,
-                            config["keras_vgg16_weights"]))
+    return str(weights_path(WEIGHTS_DIR, config["weights"], wildcards.framework, wildcards.model, config))
 
 
 def weights_args(wildcards, input):
@@ -167,16 +166,23 @@ def data_source(wildcards):
 # ------------------------------------------------------------------------- weights files
 def weights_filenames(framework=None):
     """Regex of the weights file names published (for ``framework``): a wildcard constraint."""
-    return "|".join(spec.filename.replace(".", r"\.") for (fw, _), spec in PRETRAINED.items()
+    return "|".join(spec.filename.replace(".", r"\.") for (fw, _), spec in published_files()
                     if framework in (None, fw))
 
 
 def weights_owner(filename):
     """(framework, model) of a published weights file name."""
-    return next(key for key, spec in PRETRAINED.items() if spec.filename == filename)
+    return next(key for key, spec in published_files() if spec.filename == filename)
+
+
+def weights_release(filename):
+    """``--release`` for the download of a file that is one of several releases; "" for the others."""
+    framework, model = weights_owner(filename)
+    releases = RELEASES.get((framework, model), {})
+    return next((f"--release {name}" for name, spec in releases.items() if spec.filename == filename), "")
 
 
 def torch_model_of(stem):
     """The model whose torchvision weights file has this stem (for the port rule)."""
-    return next(model for (fw, model), spec in PRETRAINED.items()
+    return next(model for (fw, model), spec in published_files()
                 if fw == "torch" and spec.filename == f"{stem}.pth")

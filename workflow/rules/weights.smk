@@ -22,12 +22,13 @@ rule download_weights:
     params:
         framework=lambda w: weights_owner(w.filename)[0],
         model=lambda w: weights_owner(w.filename)[1],
+        release=lambda w: weights_release(w.filename),
     log:
         "results/logs/download_weights/{filename}.log",
     container:
         TORCH_IMAGE
     shell:
-        "python -m cnnbench.weights --framework {params.framework} --model {params.model} --out {output} > {log} 2>&1"
+        "python -m cnnbench.weights --framework {params.framework} --model {params.model} {params.release} --out {output} > {log} 2>&1"
 
 
 rule standin_weights_torch:
