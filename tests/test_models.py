@@ -28,6 +28,16 @@ for name in ("alexnet", "vgg16"):
         "backbone_gradient": any(p.requires_grad for part in backbone for p in part.parameters()),
         "graph_through_backbone": features.requires_grad or features.grad_fn is not None,
     }
+frozen = build_model("resnet50", num_classes=10, freeze_backbone=True)
+frozen.train()
+before = frozen.bn1.running_mean.clone()
+frozen(torch.rand(2, 3, 64, 64)).sum().backward()  # a training step's forward and backward
+out["resnet50_frozen"] = {
+    "trainable": sum(p.numel() for p in trainable_parameters(frozen)),
+    "backbone_training": any(m.training for child in BACKBONE["resnet50"] for m in getattr(frozen, child).modules()),
+    "running_statistics_kept": bool(torch.equal(before, frozen.bn1.running_mean)),
+    "fc_gradient": frozen.fc.weight.grad is not None,
+}
 print(json.dumps(out))
 """
 
@@ -44,6 +54,15 @@ for name in ("alexnet", "vgg16"):
         "trainable": int(sum(np.prod(v.shape) for v in frozen.trainable_variables)),
         "trainable_layers": sorted({v.path.split("/")[0] for v in frozen.trainable_variables}),
     }
+frozen = build_model("resnet50", 10, image_size=64, mean=[0.5] * 3, std=[0.25] * 3, freeze_backbone=True)
+bn1 = frozen.get_layer("resnet50").get_layer("bn1")
+before = np.array(bn1.moving_mean)
+frozen(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("uint8"), training=True)
+out["resnet50_frozen"] = {
+    "trainable": int(sum(np.prod(v.shape) for v in frozen.trainable_variables)),
+    "trainable_layers": sorted({v.path.split("/")[0] for v in frozen.trainable_variables}),
+    "running_statistics_kept": bool(np.array_equal(before, np.array(bn1.moving_mean))),
+}
 print(json.dumps(out))
 """
 
@@ -79,6 +98,11 @@ def test_frozen_backbone_trains_only_the_classifier_in_both_frameworks(torch_out
                                                "classifier_training": True, "backbone_gradient": False,
                                                "graph_through_backbone": False}, name
         assert keras_out[f"{name}_frozen"] == {"trainable": classifier, "trainable_layers": ["fc1", "fc2", "head"]}
+    # ResNet-50: only the new fc (2048 -> 10) trains; BatchNorm keeps its loaded statistics in a training step.
+    assert torch_out["resnet50_frozen"] == {"trainable": 2048 * 10 + 10, "backbone_training": False,
+                                            "running_statistics_kept": True, "fc_gradient": True}
+    assert keras_out["resnet50_frozen"] == {"trainable": 2048 * 10 + 10, "trainable_layers": ["head"],
+                                            "running_statistics_kept": True}
 
 
 def test_keras_adaptive_pooling_follows_torch_bins():
