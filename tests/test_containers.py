@@ -112,3 +112,4 @@ def test_images_are_labelled_with_framework_and_versions(images):
         labels = json.loads(out)["data"]["attributes"]["labels"]
         assert labels["cnnbench.framework"] == framework
         assert ("torch==2.14.1" if framework == "torch" else "==2.21.0") in labels["cnnbench.requirements"]
+        assert "nvidia-ml-py==13.615.71" in labels["cnnbench.requirements"]  # energy through NVML
