@@ -1,5 +1,6 @@
 """benchmarks/results/gpu-<date>.json from gpu.sh's runs: time, accuracy, images/s and the share of
-the GPU's bf16 peak each variant used (training FLOPs per image = 3 x forward, counted by torch)."""
+the GPU's bf16 peak each variant used (training FLOPs per image = 3 x forward, counted by torch), and its
+GPU energy (cnnbench.energy; null without NVML)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def main() -> int:
             "speedup_vs_reference": reference / metrics["train_seconds"] if reference else None,
             "device": metrics["environment"]["device_name"], "precision": metrics["config"]["precision"],
             "keras_backend": metrics["environment"].get("keras_backend"),
+            "energy_joules": metrics["energy"]["joules"], "energy_method": metrics["energy"]["method"],
         }
         print(f"{metrics['variant']}: {metrics['train_seconds']:.1f} s, test acc {metrics['test']['accuracy']:.4f}, "
               f"{rate:.0f} img/s" + (f", {variants[metrics['variant']]['share_of_bf16_peak']:.1%} of bf16 peak"

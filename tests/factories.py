@@ -11,12 +11,13 @@ CLASS_NAMES = [f"class{i}" for i in range(10)]
 
 
 def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_accuracy: float = 0.45,
-                 train_seconds_per_epoch: float = 10.0, train_size: int = 1000) -> dict:
+                 train_seconds_per_epoch: float = 10.0, train_size: int = 1000,
+                 energy_joules_per_epoch: float | None = None) -> dict:
     framework, model, init = parse_variant(variant)
     history = [
         {"epoch": i + 1, "train_loss": 2.0 - 0.3 * i, "train_accuracy": acc - 0.05, "val_loss": 2.1 - 0.3 * i,
          "val_accuracy": acc, "seconds": train_seconds_per_epoch,
-         "images_per_second": train_size / train_seconds_per_epoch}
+         "images_per_second": train_size / train_seconds_per_epoch, "energy_joules": energy_joules_per_epoch}
         for i, acc in enumerate(val_accuracies)
     ]
     correct = round(test_accuracy * 100)
@@ -38,6 +39,10 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
                  "per_class_accuracy": {name: matrix[i][i] / 10 for i, name in enumerate(CLASS_NAMES)},
                  "confusion_matrix": matrix},
         "train_seconds": train_seconds_per_epoch * len(history),
+        "energy": ({"joules": None, "method": None, "sample_hz": None, "gpus": []}
+                   if energy_joules_per_epoch is None else
+                   {"joules": energy_joules_per_epoch * len(history), "method": "energy_counter", "sample_hz": None,
+                    "gpus": ["GPU-00000000-0000-0000-0000-000000000000"]}),
         "environment": {"device": "cpu", "device_name": "cpu", "framework_version": "test",
                         "python_version": "3.11", "hostname": "test", "container": None},
     }

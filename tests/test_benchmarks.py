@@ -51,4 +51,5 @@ def test_gpu_script_runs_in_its_tiny_setting(tmp_path):
         assert 0 <= figures["test_accuracy"] <= 1 and figures["training_flops_per_image"] > 1e8, variant
         assert figures["keras_backend"] == ("jax" if variant.startswith("keras") else None), variant
         assert figures["device"] == "cpu" and figures["share_of_bf16_peak"] is None, variant
+        assert figures["energy_joules"] is None and figures["energy_method"] is None, variant  # no NVML here
     assert "keras-vgg16-pretrained" in (out_dir / "gpu-summary.md").read_text()

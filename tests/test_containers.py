@@ -119,3 +119,4 @@ def test_images_are_labelled_with_framework_and_versions(images):
         reported = subprocess.run(["apptainer", "exec", str(image), "python", "-c", probe], capture_output=True,
                                   text=True, check=True, timeout=300).stdout.strip().splitlines()[-1]
         assert labels["cnnbench.cuda_build"] == reported
+        assert "nvidia-ml-py==13.615.71" in labels["cnnbench.requirements"]  # energy through NVML

@@ -16,6 +16,7 @@ from conftest import REPO, linked_checkout, require_tool, run_in_checkout, skip_
 
 DRY, REAL, CI, DEMO, AFTER_DEMO = "dry run", "real", "run by .ci/run", "make demo", "real, over the demo results"
 MAKE_DRY = "make -n"  # what the recipe would run (installs from indexes CI cannot reach, image builds)
+GPU = "real: passes with a GPU, fails naming CNNBENCH_REQUIRE_GPU without one"
 CHECKS = {
     "make demo": DEMO,
     "make test": CI,
@@ -33,6 +34,7 @@ CHECKS = {
     "make venv": MAKE_DRY,
     "make venv GPU=1": MAKE_DRY,
     'make containers CONTAINER_BUILD_ARGS="--torch-cuda cu126"': MAKE_DRY,
+    "CNNBENCH_REQUIRE_GPU=1 python -m pytest tests/test_gpu.py": GPU,
 }
 # A line each of those recipes must hold.
 MAKE_DRY_RUNS = {
@@ -40,16 +42,18 @@ MAKE_DRY_RUNS = {
     "make venv GPU=1": "TORCH_CUDA=cu130 .venv/bin/python -m pip install --quiet -r requirements-gpu.txt",
     'make containers CONTAINER_BUILD_ARGS="--torch-cuda cu126"': "containers/build.sh --torch-cuda cu126",
 }
+COMMAND = re.compile(r"(?:[A-Z_]+=\S* )*(?:snakemake|make|python -m pytest)( |$)")  # after any VAR=value
 
 
 def readme_commands() -> set[str]:
-    """`snakemake`/`make` lines of the README's bash blocks (comments dropped) and inline commands."""
+    """`snakemake`/`make`/`python -m pytest` lines of the README's bash blocks (comments dropped) and inline
+    `snakemake`/`make` commands."""
     text = (REPO / "README.md").read_text()
     commands = set()
     for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
         for line in block.splitlines():
             command = line.split(" #", 1)[0].strip()
-            if re.match(r"(snakemake|make)( |$)", command):
+            if COMMAND.match(command):
                 commands.add(command)
     inline = (" ".join(c.split()) for c in re.findall(r"`((?:snakemake|make) [^`]*)`", text))  # may wrap
     commands.update(c for c in inline if "…" not in c)
@@ -132,3 +136,20 @@ def test_make_clean_removes_the_results(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (checkout / "results").exists() and not (checkout / ".snakemake").exists()
     assert (checkout / "config" / "config.yaml").exists()  # nothing else
+
+
+def test_gpu_test_command_needs_a_gpu(tmp_path):
+    """Run as written: on a machine without a GPU (CI) it fails, and says why; with one, it passes."""
+    from test_gpu import count_gpus
+
+    command = next(c for c, how in CHECKS.items() if how == GPU)
+    checkout = linked_checkout(tmp_path / "cnnbench")
+    for name in ("tests", "pytest.ini"):
+        (checkout / name).symlink_to(REPO / name)
+    result = run_in_checkout(checkout, command, timeout=3600)
+    output = result.stdout + result.stderr
+    if count_gpus()[0]:
+        assert result.returncode == 0, output[-5000:]
+    else:
+        assert result.returncode == 1, output[-5000:]
+        assert "3 errors" in output and "CNNBENCH_REQUIRE_GPU=1 asks for them" in output, output[-5000:]

@@ -259,3 +259,48 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
     assert "<strong>Missing: 50 of the 54 expected runs have no results here: keras-alexnet-frozen/seed0" in html
     assert "torch-vgg16-scratch/seed2" in html
+
+
+def markdown_table(markdown: str, section: str) -> list[dict]:
+    """The rows of the table under ``## {section}`` in summary.md, as dicts of cell text."""
+    lines = markdown.split(f"## {section}\n", 1)[1].strip().split("\n\n", 1)[0].splitlines()
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def test_energy_is_shown_beside_the_time_and_a_dash_where_not_measured(tmp_path):
+    files = []
+    for seed, joules in enumerate((100.0, 110.0, 120.0)):  # per epoch, 2 epochs each: 200, 220, 240 J
+        files.append(write_metrics(tmp_path, make_metrics("torch-alexnet-scratch", seed,
+                                                          energy_joules_per_epoch=joules)))
+        files.append(write_metrics(tmp_path, make_metrics("keras-alexnet-scratch", seed)))  # no NVML
+    files.append(write_metrics(tmp_path, make_metrics("torch-alexnet-pretrained", 0, energy_joules_per_epoch=50.0)))
+    files.append(write_metrics(tmp_path, make_metrics("torch-alexnet-pretrained", 1)))  # one seed without
+    code, out = run_report(tmp_path, files)
+    assert code == 0
+
+    runs = pd.read_csv(out / "summary.csv")
+    assert list(runs.columns[runs.columns.get_loc("train_seconds") + 1:][:1]) == ["energy_joules"]
+    measured = runs[runs.variant == "torch-alexnet-scratch"]
+    assert list(measured["energy_joules"]) == [200.0, 220.0, 240.0]
+    assert runs[runs.variant == "keras-alexnet-scratch"]["energy_joules"].isna().all()  # an empty cell
+    stats = pd.read_csv(out / "variant_stats.csv").set_index("variant")
+    assert stats.loc["torch-alexnet-scratch", "energy_joules_mean"] == pytest.approx(220.0)
+    assert pd.isna(stats.loc["keras-alexnet-scratch", "energy_joules_mean"])
+    assert pd.isna(stats.loc["torch-alexnet-pretrained", "energy_joules_mean"])  # only if every seed has one
+
+    markdown = (out / "summary.md").read_text()
+    per_variant = {row["variant"]: row for row in markdown_table(markdown, "Per variant")}
+    headers = list(per_variant["torch-alexnet-scratch"])
+    assert headers[headers.index("train s, mean [95% CI]") + 1] == "energy J, mean"
+    assert per_variant["torch-alexnet-scratch"]["energy J, mean"] == "220"
+    assert per_variant["keras-alexnet-scratch"]["energy J, mean"] == "–"
+    assert per_variant["torch-alexnet-pretrained"]["energy J, mean"] == "–"
+    per_run = markdown_table(markdown, "Per run")
+    headers = list(per_run[0])
+    assert headers[headers.index("train s") + 1] == "energy J"
+    assert [(r["variant"], r["seed"], r["energy J"]) for r in per_run if r["variant"] != "keras-alexnet-scratch"] == [
+        ("torch-alexnet-pretrained", "0", "100"), ("torch-alexnet-pretrained", "1", "–"),
+        ("torch-alexnet-scratch", "0", "200"), ("torch-alexnet-scratch", "1", "220"),
+        ("torch-alexnet-scratch", "2", "240")]
+    assert {r["energy J"] for r in per_run if r["variant"] == "keras-alexnet-scratch"} == {"–"}

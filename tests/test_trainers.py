@@ -14,9 +14,15 @@ import pytest
 from cnnbench.fileio import file_digest
 from cnnbench.gpu import GPU_COUNT_VARIABLES, GPU_INDEX_VARIABLES
 from cnnbench.metrics import validate_metrics
-from conftest import DEFAULT_HPARAMS, run_module, run_python
+from conftest import DEFAULT_HPARAMS, REPO, package_env, run_module, run_python
 
 MODEL_SUFFIX = {"torch": "model.pt", "keras": "model.keras"}
+FAKE_NVML_DIR = REPO / "tests" / "fake_nvml"
+
+
+def with_fake_nvml(**settings) -> dict:
+    """A trainer's environment with tests/fake_nvml's pynvml first on the path, set by ``settings``."""
+    return {"PYTHONPATH": f"{FAKE_NVML_DIR}:{package_env()['PYTHONPATH']}", **settings}
 
 
 def train(framework, variant, data, run_dir, hparams=None, extra=(), check=True, prelude=None, env=None):
@@ -42,12 +48,18 @@ def torch_cuda_build() -> str | None:
     return found.group(1) if found else None
 
 
+# The stand-in NVML's two GPUs draw 100 W and 250 W: torch measures both through the energy counter,
+# Keras the second one (CUDA_VISIBLE_DEVICES=1) by power samples.
+FAKE_GPUS = {"torch": ("0,1", "counter", 350.0, "energy_counter"), "keras": ("1", "power", 250.0, "power_samples")}
+
+
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path):
-    # require_gpu: auto trains on the CPU when nothing says the job was given a GPU
-    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path,
-                   {"epochs": 2, "require_gpu": "auto"}, prelude=WITHOUT_GPU_VARIABLES)
-    assert "no GPU visible: training on the CPU" in result.stderr
+    # The stand-in NVML's GPUs are given to the job (CUDA_VISIBLE_DEVICES), which require_gpu: auto would
+    # refuse on this CPU machine (tests/test_gpu_detection.py): these runs say false.
+    visible, fake_method, watts, method = FAKE_GPUS[framework]
+    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path, {"epochs": 2, "require_gpu": False},
+                   env=with_fake_nvml(CUDA_VISIBLE_DEVICES=visible, FAKE_NVML_METHOD=fake_method))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     validate_metrics(metrics)
     assert metrics["variant"] == f"{framework}-alexnet-scratch" and metrics["framework"] == framework
@@ -69,6 +81,14 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
     # The progress bar's own lines (tqdm, ASCII in a log), distinct from log_epoch's summary line.
     assert re.search(r"^epoch 2/2: 100%\|#{10}\| 40\.0/40\.0 \[[\d:]+<00:00, +[\d.]+img/s\]$", result.stderr, re.M)
     assert "epoch 2/2: train loss" in result.stderr  # the epoch's summary line
+    # Energy: each epoch's over a span that encloses its timed one (the fake counts whole mJ, mW)
+    for epoch in metrics["history"]:
+        assert watts * epoch["seconds"] - 0.01 <= epoch["energy_joules"] <= watts * (epoch["seconds"] + 0.05), epoch
+    uuids = [f"GPU-{i}aaaaaaa-fake-4000-8000-{i:012d}" for i in map(int, visible.split(","))]
+    assert metrics["energy"] == {"joules": pytest.approx(sum(e["energy_joules"] for e in metrics["history"])),
+                                 "method": method, "sample_hz": 5.0 if method == "power_samples" else None,
+                                 "gpus": uuids}
+    assert result.stderr.count("energy: measuring") == 1 and f"by {method}" in result.stderr
 
 
 # Run before the Keras trainer: TensorFlow unimportable, as on the lent GPU machine, which has JAX and
@@ -108,9 +128,16 @@ def test_pretrained_training_records_the_weights(framework, model, weights_name,
                                                  tmp_path):
     weights = tmp_path / weights_name
     run_module(f"{framework}_models", "standin", "--model", model, "--out", weights)
-    train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path / "run",
-          extra=("--weights", weights, "--weights-source", "standin"))
+    # require_gpu: auto trains on the CPU when nothing says the job was given a GPU
+    result = train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path / "run",
+                   {"require_gpu": "auto"}, extra=("--weights", weights, "--weights-source", "standin"),
+                   env=with_fake_nvml(FAKE_NVML_INIT="fail"),  # as without a driver, on any machine
+                   prelude=WITHOUT_GPU_VARIABLES)
+    assert "no GPU visible: training on the CPU" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["energy"] == {"joules": None, "method": None, "sample_hz": None, "gpus": []}
+    assert [epoch["energy_joules"] for epoch in metrics["history"]] == [None]
+    assert result.stderr.count("energy: not measured (NVML cannot start: NVML Shared Library Not Found)") == 1
     assert metrics["weights"] == {"source": "standin", "sha256": file_digest(weights)}
     assert metrics["init"] == "pretrained"
     assert metrics["config"]["preprocessing"] == preprocessing  # DEFAULT_HPARAMS ask for auto

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import gpu, training
 from .config import freezes_backbone
+from .energy import EnergyMeter
 from .fileio import atomic_path, write_json_atomic
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
 
@@ -248,12 +249,13 @@ def run(args: training.RunArgs, backend: str) -> dict:
                       metrics=["accuracy"],
                       jit_compile={"auto": "auto", "on": True, "off": False}[hp["compile"]])
 
+    meter = EnergyMeter().start()
     try:
         # As in the torch trainer: the uint8 images go to the device once, each step gathers its batch.
         x_train, y_train = keras.ops.convert_to_tensor(x_train), keras.ops.convert_to_tensor(y_train, "int32")
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             seed = training.epoch_seed(args.seed, epoch)
-            with training.Timer() as timer:  # the same span as the torch trainer's
+            with meter.epoch() as energy, training.Timer() as timer:  # the same span as the torch trainer's
                 order = training.epoch_order(len(data["y_train"]), seed, hp)
                 reseed_dropout(model, seed)
                 train_loss, train_acc = train_one_epoch(model, x_train, y_train, order, hp, stop,
@@ -263,7 +265,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
             training.check_finite(train_loss, epoch, hp)
             val_loss, val_acc, _ = evaluate(model, data["x_val"], data["y_val"], hp)
             record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds,
-                                           len(order))
+                                           len(order), energy.joules)
             history.append(record)
             training.log_epoch(record, hp["epochs"])
             checkpoint.save(model, history)
@@ -273,6 +275,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
                                 f"(eval_batch_size={hp['eval_batch_size']}) at image_size={hp['image_size']}: "
                                 "lower them for this variant in the config (variant_overrides).") from err
         raise
+    finally:
+        meter.stop()
 
     test_loss, _, predictions = evaluate(model, data["x_test"], data["y_test"], hp)
     with atomic_path(args.model_out) as tmp:
@@ -283,7 +287,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
                                cuda_build=cuda_build(backend)[0])
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
-                                     env)
+                                     env, meter.summary(history))
     training.finish(args, metrics, stop)
     return metrics
 

@@ -26,6 +26,18 @@ def validate_metrics(metrics: dict, source: str = "metrics") -> None:
     if errors:
         details = "; ".join(f"{'/'.join(map(str, e.path)) or '(top level)'}: {e.message}" for e in errors[:5])
         raise MetricsError(f"{source} does not match the metrics schema v{SCHEMA_VERSION}: {details}")
+    check_energy_total(metrics, source)
+
+
+def check_energy_total(metrics: dict, source: str = "metrics") -> None:
+    """The run's ``energy.joules`` is its epochs' ``energy_joules`` summed (what no JSON Schema can say)."""
+    figures = [epoch["energy_joules"] for epoch in metrics["history"]]
+    total = metrics["energy"]["joules"]
+    if total is None:
+        return  # not measured, or not in every epoch
+    if None in figures or abs(total - sum(figures)) > 1e-6 * max(1.0, abs(total)):
+        raise MetricsError(f"{source}: energy/joules ({total}) is not the sum of history/*/energy_joules "
+                           f"({figures}); the file was edited or written by another version: rerun its training.")
 
 
 def load_metrics(path: str | Path) -> dict:

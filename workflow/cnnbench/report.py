@@ -1,7 +1,7 @@
 """Aggregate metrics.json files: per-run and per-variant tables, paired differences, plots.
 
 Writes into ``--out-dir``: summary.csv (one row per run), variant_stats.csv (per variant over
-seeds: mean, standard deviation, 95% t-interval of test accuracy and training time),
+seeds: mean, standard deviation, 95% t-interval of test accuracy and training time; mean GPU energy),
 paired_differences.csv (the report's questions, paired by seed: pretrained - scratch,
 frozen - scratch, torch - keras), summary.md (all three tables),
 learning_curves.png, per_class_accuracy.png, confusion_matrices.png, and summary_facts.json: which
@@ -31,7 +31,7 @@ REFERENCE = {
     "keras-vgg16-pretrained": (0.8796, 377.25),
 }
 RUN_COLUMNS = ["variant", "seed", "epochs", "best_val_accuracy", "test_accuracy", "train_seconds",
-               "images_per_second", "device", "weights", "data", "reference_test_accuracy",
+               "energy_joules", "images_per_second", "device", "weights", "data", "reference_test_accuracy",
                "reference_train_seconds"]
 OUTPUTS = ("summary.csv", "variant_stats.csv", "paired_differences.csv", "summary.md",
            "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png", "summary_facts.json")
@@ -49,6 +49,7 @@ def summary_row(metrics: dict) -> dict:
         "best_val_accuracy": max(epoch["val_accuracy"] for epoch in history),
         "test_accuracy": metrics["test"]["accuracy"],
         "train_seconds": metrics["train_seconds"],
+        "energy_joules": metrics["energy"]["joules"],  # None (an empty cell) when not measured
         "images_per_second": images / metrics["train_seconds"] if metrics["train_seconds"] else 0.0,
         "device": metrics["environment"]["device_name"],
         "weights": metrics["weights"]["source"],
@@ -82,6 +83,7 @@ def variant_stats(runs: pd.DataFrame) -> pd.DataFrame:
         for column in ("test_accuracy", "train_seconds"):
             stats = mean_interval(group[column])
             row.update({f"{column}_{k}": v for k, v in stats.items() if k != "n"})
+        row["energy_joules_mean"] = group["energy_joules"].astype(float).mean(skipna=False)  # NaN unless all measured
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -198,6 +200,10 @@ def _interval(mean, low, high, digits=4) -> str:
     return f"{mean:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
 
 
+def _energy(joules) -> str:
+    return "–" if pd.isna(joules) else f"{joules:.4g}"
+
+
 def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame, facts: dict,
                 expected: int) -> str:
     per_variant = pd.DataFrame({
@@ -208,6 +214,7 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "test acc std": stats["test_accuracy_std"],
         "train s, mean [95% CI]": [_interval(r.train_seconds_mean, r.train_seconds_ci_low, r.train_seconds_ci_high)
                                    for r in stats.itertuples()],
+        "energy J, mean": stats["energy_joules_mean"].map(_energy),
         "reference test acc": [REFERENCE.get(v, (None, None))[0] for v in stats["variant"]],
         "reference train s": [REFERENCE.get(v, (None, None))[1] for v in stats["variant"]],
     })
@@ -222,8 +229,10 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
             for r in differences.itertuples()],
         "devices": [_devices_cell(r) for r in differences.itertuples()],
     })
-    shown = runs.drop(columns=["weights", "data"]).rename(columns={
+    shown = runs.drop(columns=["weights", "data"]).assign(energy_joules=runs["energy_joules"].map(_energy))
+    shown = shown.rename(columns={
         "best_val_accuracy": "best val acc", "test_accuracy": "test acc", "train_seconds": "train s",
+        "energy_joules": "energy J",
         "images_per_second": "images/s", "reference_test_accuracy": "reference test acc",
         "reference_train_seconds": "reference train s",
     })

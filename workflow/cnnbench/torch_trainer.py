@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gpu, training
+from .energy import EnergyMeter
 from .fileio import atomic_path
 from .config import freezes_backbone
 from .torch_models import build_model, trainable_parameters
@@ -184,9 +185,10 @@ def run(args: training.RunArgs) -> dict:
     x_test, y_test = on_device("x_test"), on_device("y_test", torch.long)
     preprocess = Preprocess(hp["image_size"], hp["mean"], hp["std"], device, hp["preprocessing"])
 
+    meter = EnergyMeter().start()
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
-            with training.Timer() as timer:
+            with meter.epoch() as energy, training.Timer() as timer:
                 train_loss, train_acc, trained = train_one_epoch(
                     model, optimizer, scheduler, x_train, y_train, preprocess, hp, device,
                     training.epoch_seed(args.seed, epoch), stop, f"epoch {epoch}/{hp['epochs']}")
@@ -194,7 +196,8 @@ def run(args: training.RunArgs) -> dict:
                     torch.cuda.synchronize()
             training.check_finite(train_loss, epoch, hp)
             val_loss, val_acc, _ = evaluate(model, x_val, y_val, preprocess, hp, device)
-            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds, trained)
+            record = training.epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, timer.seconds, trained,
+                                           energy.joules)
             history.append(record)
             training.log_epoch(record, hp["epochs"])
             save_checkpoint(checkpoint, network, optimizer, scheduler, history, fingerprint)
@@ -202,6 +205,8 @@ def run(args: training.RunArgs) -> dict:
         raise TrainingError(f"CUDA ran out of memory with batch_size={hp['batch_size']} "
                             f"(eval_batch_size={hp['eval_batch_size']}) at image_size={hp['image_size']}: "
                             "lower them for this variant in the config (variant_overrides).") from err
+    finally:
+        meter.stop()
 
     test_loss, _, predictions = evaluate(model, x_test, y_test, preprocess, hp, device)
     with atomic_path(args.model_out) as tmp:
@@ -212,7 +217,7 @@ def run(args: training.RunArgs) -> dict:
         cuda_build=torch.version.cuda)
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
-                                     env)
+                                     env, meter.summary(history))
     training.finish(args, metrics, stop)
     return metrics
 

@@ -247,7 +247,7 @@ def environment(device: str, device_name: str, framework_version: str, container
     }
 
 
-def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, env: dict) -> dict:
+def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, env: dict, energy: dict) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "variant": args.variant,
@@ -270,6 +270,7 @@ def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, en
         "history": history,
         "test": test,
         "train_seconds": float(sum(epoch["seconds"] for epoch in history)),
+        "energy": energy,
         "environment": env,
     }
 
@@ -285,7 +286,7 @@ def finish(args: RunArgs, metrics: dict, stop: StopRequested) -> None:
 
 
 def epoch_record(epoch: int, train_loss: float, train_acc: float, val_loss: float, val_acc: float,
-                 seconds: float, images: int) -> dict:
+                 seconds: float, images: int, energy_joules: float | None) -> dict:
     return {
         "epoch": epoch,
         "train_loss": float(train_loss),
@@ -294,6 +295,7 @@ def epoch_record(epoch: int, train_loss: float, train_acc: float, val_loss: floa
         "val_accuracy": float(val_acc),
         "seconds": float(seconds),
         "images_per_second": float(images / seconds) if seconds > 0 else 0.0,
+        "energy_joules": energy_joules,
     }
 
 
@@ -302,13 +304,15 @@ def log_epoch(record: dict, epochs: int) -> None:
         f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
         f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
         f"acc {record['val_accuracy']:.4f} | {record['seconds']:.1f} s, "
-        f"{record['images_per_second']:.0f} img/s",
+        f"{record['images_per_second']:.0f} img/s"
+        + (f", {record['energy_joules']:.0f} J" if record["energy_joules"] is not None else ""),
         file=sys.stderr, flush=True,
     )
 
 
-# Raised when what a checkpoint means changes: 2 = Keras' momentum buffer in torch's formulation.
-CHECKPOINT_FORMAT = 2
+# Raised when what a checkpoint means changes: 2 = Keras' momentum buffer in torch's formulation,
+# 3 = history entries carry energy_joules.
+CHECKPOINT_FORMAT = 3
 
 
 def run_fingerprint(args: RunArgs, data_sha256: str) -> dict:
