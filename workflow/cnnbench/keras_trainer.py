@@ -199,7 +199,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
         model.save(tmp)
     env = training.environment("gpu" if device_name else "cpu", device_name or "cpu",
                                f"keras {keras.__version__}, {backend} {backend_version(backend)}",
-                               args.container, keras_backend=backend)
+                               args.container, args.started_at, keras_backend=backend)
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
                                      env)
