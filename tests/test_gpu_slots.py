@@ -20,7 +20,7 @@ from cnnbench.gpu_slot import POOL_ENV, export_pool, resolve_pool, slot_file
 from cnnbench.metrics import load_metrics
 from cnnbench.training import environment
 from conftest import REPO, package_env
-from test_reliability import stop, wait_for_file
+from test_reliability import process_state, stop, wait_for_file
 
 
 def fake_nvidia_smi(directory: Path, indices: str) -> Path:
@@ -217,7 +217,7 @@ def test_killed_trainings_slot_goes_to_the_next_job(tmp_path):
     (tmp_path / "one-slot.yaml").write_text(ONE_SLOT)
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                "--configfile", str(REPO / "config" / "demo.yaml"), str(tmp_path / "one-slot.yaml"),
-               "--cores", "2", "--resources", "gpu=2"]
+               "--resources", "gpu=2", "--cores", "2"]  # last: a target may follow (not after --resources)
     env = {**package_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     log = tmp_path / "killed-run.log"
@@ -228,7 +228,9 @@ def test_killed_trainings_slot_goes_to_the_next_job(tmp_path):
         first = paused_run(tmp_path, snakemake, log)
         second = next(run for run in RUNS if run != first)
         wait_for_text(tmp_path / second / "train.log", "waiting for one to be freed", snakemake, log)
-        os.kill(int((tmp_path / first / "paused-at-step-1").read_text()), signal.SIGKILL)
+        holder = int((tmp_path / first / "paused-at-step-1").read_text())
+        assert process_state(holder)[1] == snakemake.pid  # launcher and trainer exec'd: no shell between
+        os.kill(holder, signal.SIGKILL)
         # The waiting job gets the slot, trains up to the test hook's pause, and is stopped there.
         wait_for_file(tmp_path / second / "paused-at-step-1", snakemake, log)
         second_log = (tmp_path / second / "train.log").read_text()
