@@ -44,7 +44,9 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
                    {"joules": energy_joules_per_epoch * len(history), "method": "energy_counter", "sample_hz": None,
                     "gpus": ["GPU-00000000-0000-0000-0000-000000000000"]}),
         "environment": {"device": "cpu", "device_name": "cpu", "framework_version": "test",
-                        "python_version": "3.11", "hostname": "test", "container": None},
+                        "python_version": "3.11", "hostname": "test", "container": None,
+                        "cuda_visible_devices": None, "started_at": "2026-12-01T10:00:00.000001+01:00",
+                        "finished_at": "2026-12-01T10:05:00+01:00"},
     }
 
 

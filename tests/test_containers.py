@@ -48,7 +48,9 @@ def images():
 @pytest.fixture(scope="module")
 def container_demo(images, request, tmp_path_factory):
     with removed_unless_failed(request, tmp_path_factory.mktemp("container-demo")) as workdir:
-        code, output = snakemake(workdir, "--use-singularity", "--cores", "1", "--resources", "gpu=1")
+        # A one-GPU stand-in pool: its slot must reach the trainer inside the image.
+        code, output = snakemake(workdir, "--use-singularity", "--cores", "1", "--resources", "gpu=1",
+                                 "--config", "gpus=[0]")
         assert code == 0, output[-8000:]
         yield workdir, output
 
@@ -65,6 +67,7 @@ def test_container_demo_produces_every_output(container_demo):
         # The trainer records the image Apptainer ran it in.
         container = metrics["environment"]["container"]
         assert container and Path(container).resolve() == IMAGES[metrics["framework"]].resolve(), container
+        assert metrics["environment"]["cuda_visible_devices"] == "0"
     summary = pd.read_csv(results / "summary.csv")
     assert sorted(summary["variant"]) == sorted(DEMO_VARIANTS) and summary["test_accuracy"].between(0, 1).all()
     assert all(variant in (results / "summary.md").read_text() for variant in DEMO_VARIANTS)

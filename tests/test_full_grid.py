@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
 from conftest import REPO, removed_unless_failed, run_python
+from test_gpu_slots import overlap
 from test_report import assert_statistics_recomputed
 from test_trainers import MODEL_SUFFIX, is_backbone_layer, unchanged_layers
 from test_workflow import job_counts, snakemake
@@ -22,12 +24,14 @@ SEEDS = (0, 1)
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The demo's synthetic data and settings under the full grid's variants and seeds, cut to one epoch
 # on 10 images per class, two of its three seeds, so that 36 trainings (12 VGG16, 12 ResNet-50) fit in
-# CI's time on 2 cores.
-CI_CUT = "seeds: [0, 1]\ndata:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\n"
-# Two one-thread trainings at a time, so that one's process start (imports, model build) overlaps
-# the other's compute. With both cuts the grid took 414 s on 2 cores, against 659 s with 20 images
-# per class and one two-thread training at a time.
-TWO_AT_A_TIME = ("--set-threads", "train_torch=1", "train_keras=1")
+# CI's time on 2 cores. A two-GPU stand-in pool (`gpus: [0, 1]`): each training records the GPU slot
+# it was given.
+CI_CUT = "seeds: [0, 1]\ndata:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\ngpus: [0, 1]\n"
+# Two one-thread trainings at a time (`--resources gpu=2` on 2 cores: each training gets 2 // 2
+# threads), so that one's process start (imports, model build) overlaps the other's compute. With
+# both cuts the grid took 414 s on 2 cores, against 659 s with 20 images per class and one
+# two-thread training at a time.
+TWO_AT_A_TIME = ("--resources", "gpu=2")
 
 
 def grid(workdir, *args):
@@ -70,6 +74,19 @@ def test_frozen_runs_keep_the_staged_backbone_bit_identical(grid_run):
             assert unchanged == {layer: is_backbone_layer(layer) for layer in unchanged}
             assert sum(unchanged.values()) == {"alexnet": 5, "vgg16": 13}[model] and len(unchanged) - sum(
                 unchanged.values()) == 2, (framework, model)
+
+
+def test_concurrent_trainings_had_different_gpus(grid_run):
+    """The GPU slots on the stand-in pool: trainings that ran at the same time had different GPUs."""
+    workdir, _ = grid_run
+    runs = {(variant, seed): load_metrics(workdir / "results" / "runs" / variant / f"seed{seed}" / "metrics.json")
+            ["environment"] for variant in VALID_VARIANTS for seed in SEEDS}
+    assert {env["cuda_visible_devices"] for env in runs.values()} == {"0", "1"}
+    concurrent = [(a, b) for a, b in itertools.combinations(runs, 2) if overlap(runs[a], runs[b])]
+    assert concurrent, "no two trainings ran at once: the slots were not put to the test"
+    shared = [(a, b) for a, b in concurrent if runs[a]["cuda_visible_devices"] == runs[b]["cuda_visible_devices"]]
+    assert not shared, [(a, b, runs[a], runs[b]) for a, b in shared]
+    print(f"{len(concurrent)} pairs of trainings overlapped in time, each pair on two GPUs")
 
 
 def logits_of(framework: str, model: str, weights: Path, images: Path) -> np.ndarray:

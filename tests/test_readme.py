@@ -24,6 +24,7 @@ CHECKS = {
     "snakemake --use-singularity --cores 1 --resources gpu=1": DRY,
     "snakemake --cores all": DRY,
     "snakemake --configfile config/full.yaml --use-singularity --cores 1 --resources gpu=1": DRY,
+    "snakemake --configfile config/full.yaml --use-singularity --cores 32 --resources gpu=4": DRY,
     "snakemake --configfile config/full.yaml --report results/report.html": AFTER_DEMO,
     "snakemake --cores all results/runs/torch-alexnet-scratch/seed0/metrics.json": DRY,
     "snakemake --profile profiles/slurm": DRY,

@@ -283,7 +283,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
         model.save(tmp)
     env = training.environment("gpu" if devices else "cpu", gpu_name(backend, devices) if devices else "cpu",
                                f"keras {keras.__version__}, {backend} {backend_version(backend)}",
-                               args.container, keras_backend=backend, gpu=gpu_environment(backend, devices),
+                               args.container, args.started_at, keras_backend=backend, gpu=gpu_environment(backend, devices),
                                cuda_build=cuda_build(backend)[0])
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),

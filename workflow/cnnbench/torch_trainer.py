@@ -213,7 +213,7 @@ def run(args: training.RunArgs) -> dict:
         torch.save(network.state_dict(), tmp)
     env = training.environment(
         device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch.__version__, args.container, compiled=compiled, gpu=gpu_environment(device),
+        torch.__version__, args.container, args.started_at, compiled=compiled, gpu=gpu_environment(device),
         cuda_build=torch.version.cuda)
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),

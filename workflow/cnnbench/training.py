@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,11 @@ class Preempted(Exception):
     """Stop asked for (SIGTERM, or the job that started the trainer is gone): checkpoint kept."""
 
 
+def now_iso() -> str:
+    """The current time, ISO 8601 with the local time zone's offset."""
+    return datetime.now().astimezone().isoformat()
+
+
 @dataclass
 class RunArgs:
     variant: str
@@ -60,6 +66,7 @@ class RunArgs:
     container: str | None
     keras_backend: str | None = None
     weights_sha256: str | None = None  # of the weights file, hashed once in parse_args
+    started_at: str = field(default_factory=now_iso)  # when the trainer started
     framework: str = field(init=False)
     model: str = field(init=False)
     init: str = field(init=False)
@@ -234,7 +241,9 @@ def test_summary(loss: float, labels: np.ndarray, predictions: np.ndarray, class
 
 
 def environment(device: str, device_name: str, framework_version: str, container: str | None,
-                **extra) -> dict:
+                started_at: str, **extra) -> dict:
+    """Where and when the run trained: ``started_at`` is the trainer's start, ``finished_at`` now;
+    ``cuda_visible_devices`` the GPU(s) the job was given (cnnbench.gpu_slot), None when unset."""
     return {
         "device": device,
         "device_name": device_name,
@@ -243,6 +252,9 @@ def environment(device: str, device_name: str, framework_version: str, container
         "hostname": socket.gethostname(),
         "container": container,
         "cnnbench_version": __version__,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started_at": started_at,
+        "finished_at": now_iso(),
         **extra,
     }
 

@@ -7,6 +7,7 @@ PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import INITS, MODELS, ConfigError, loads_weights, parse_variant, resolve_hparams  # noqa: E402
+from cnnbench.gpu_slot import export_pool  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, run_name  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, offline_files, offline_table, published_files, RELEASES, weights_path  # noqa: E402
 
@@ -147,6 +148,20 @@ def all_metrics():
 
 def configured_runs():
     return [run_name(variant, seed) for variant in config["variants"] for seed in config["seeds"]]
+
+
+# ------------------------------------------------------------------------------ GPU slots
+# The pool the training jobs' launcher (cnnbench.gpu_slot) shares out, one GPU per running
+# training, resolved here from the environment Snakemake runs in and handed to the jobs in an
+# environment variable: not a param, so another machine's GPUs retrain nothing.
+GPU_POOL, GPU_POOL_SOURCE = export_pool(config["gpus"])
+
+
+def training_threads(wildcards):
+    """All cores for one training at a time; with `--resources gpu=N`, N trainings share them."""
+    gpus = workflow.global_resources.get("gpu")
+    slots = gpus.value if gpus is not None and isinstance(gpus.value, int) else 1
+    return max(1, workflow.cores // max(1, slots))
 
 
 # ----------------------------------------------------------------------------- data inputs

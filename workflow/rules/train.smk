@@ -1,4 +1,8 @@
 # One rule per framework: each runs in its own container, and never both in one process.
+# `exec` twice: the shell becomes the GPU-slot launcher, which becomes the trainer (see cnnbench.gpu_slot),
+# so the trainer's parent is the job's (its parent watchdog, training.StopRequested).
+
+GPU_SLOT = "exec python -m cnnbench.gpu_slot --"
 
 TRAIN_ARGS = (
     "--variant {wildcards.framework}-{wildcards.model}-{wildcards.init} --seed {wildcards.seed} "
@@ -22,13 +26,13 @@ rule train_torch:
         weights=weights_args,
     log:
         f"{RUN_DIR}/train.log",
-    threads: lambda wildcards: workflow.cores
+    threads: training_threads
     resources:
         gpu=1,
     container:
         TORCH_IMAGE
     shell:
-        f"OMP_NUM_THREADS={{threads}} exec python -m cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
+        f"OMP_NUM_THREADS={{threads}} {GPU_SLOT} python -m cnnbench.torch_trainer {TRAIN_ARGS} > {{log}} 2>&1"
 
 
 rule train_keras:
@@ -47,10 +51,10 @@ rule train_keras:
         backend=config["keras_backend"],
     log:
         f"{RUN_DIR}/train.log",
-    threads: lambda wildcards: workflow.cores
+    threads: training_threads
     resources:
         gpu=1,
     container:
         KERAS_IMAGE
     shell:
-        f"TF_NUM_INTRAOP_THREADS={{threads}} exec python -m cnnbench.keras_trainer --keras-backend {{params.backend}} {TRAIN_ARGS} > {{log}} 2>&1"
+        f"TF_NUM_INTRAOP_THREADS={{threads}} {GPU_SLOT} python -m cnnbench.keras_trainer --keras-backend {{params.backend}} {TRAIN_ARGS} > {{log}} 2>&1"
