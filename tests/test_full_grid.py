@@ -13,7 +13,7 @@ from cnnbench.config import VALID_VARIANTS
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
-from conftest import REPO, removed_unless_failed, run_python
+from conftest import REPO, removed_unless_failed, run_dir, run_python
 from test_report import assert_statistics_recomputed
 from test_workflow import job_counts, snakemake
 
@@ -47,7 +47,7 @@ def test_every_variant_and_seed_trained(grid_run):
     assert counts["port_torch_weights_to_keras"] == 2  # AlexNet and VGG16, once each
     for variant in VALID_VARIANTS:
         for seed in SEEDS:
-            metrics = load_metrics(workdir / "results" / "runs" / variant / f"seed{seed}" / "metrics.json")
+            metrics = load_metrics(run_dir(workdir / "results", variant, seed) / "metrics.json")
             assert (metrics["variant"], metrics["seed"]) == (variant, seed)
 
 
@@ -84,8 +84,8 @@ def test_keras_runs_start_from_the_torch_runs_weights(grid_run, tmp_path):
     for model, stem in (("alexnet", "alexnet-owt-7be5be79"), ("vgg16", "vgg16-397923af")):
         torch_file, keras_file = weights / f"{stem}.pth", weights / f"{stem}{PORTED_SUFFIX}"
         for seed in SEEDS:
-            runs = {fw: load_metrics(workdir / "results" / "runs" / f"{fw}-{model}-pretrained" / f"seed{seed}"
-                                     / "metrics.json") for fw in ("torch", "keras")}
+            runs = {fw: load_metrics(run_dir(workdir / "results", f"{fw}-{model}-pretrained", seed) / "metrics.json")
+                    for fw in ("torch", "keras")}
             assert runs["torch"]["weights"] == {"source": "standin", "sha256": file_digest(torch_file)}
             assert runs["keras"]["weights"] == {"source": "standin", "sha256": file_digest(keras_file)}
         torch_logits = logits_of("torch", model, torch_file, images)

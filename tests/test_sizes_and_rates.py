@@ -195,3 +195,17 @@ def test_report_outputs_use_the_selected_runs_only(tmp_path):
     facts = json.loads((out / "summary_facts.json").read_text())
     assert facts["train_sizes"] == ["10", "all"] and facts["target_val_accuracy"] == 0.61
     assert len(facts["runs"]) == 36 and "torch-alexnet-scratch/n10-lr0.1/seed2" in facts["runs"]
+
+
+def test_a_run_path_outside_the_config_says_which_runs_it_has(tmp_path):
+    import subprocess
+    import sys
+
+    target = "results/runs/torch-alexnet-scratch/n10-lr0.05/seed0/metrics.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(REPO / "config" / "demo.yaml"), "--config", "train_sizes=[10, 20]",
+         "--cores", "1", "-n", target], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("results/runs/torch-alexnet-scratch/n10-lr0.05 is not a run of this config: its sizes are n10, n20 "
+            "(train_sizes) and torch-alexnet-scratch's learning rates lr0.01") in result.stdout + result.stderr

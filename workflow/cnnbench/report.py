@@ -59,6 +59,11 @@ def size_order(size: str) -> float:
     return float("inf") if size == "all" else float(size)
 
 
+def _reference(variant: str, train_size: str) -> tuple[float | None, float | None]:
+    """The reference's (test accuracy, seconds); it trained on all the data, so none for a subset."""
+    return REFERENCE.get(variant, (None, None)) if train_size == "all" else (None, None)
+
+
 def time_to_accuracy(history: list[dict], target: float | None) -> tuple[int | None, float | None]:
     """The first epoch whose validation accuracy reaches ``target`` and the training seconds up to the
     end of that epoch (the sum of the epochs' ``seconds``); (None, None) if none does or no target."""
@@ -76,8 +81,7 @@ def summary_row(metrics: dict, target_val_accuracy: float | None = None) -> dict
     history = metrics["history"]
     images = sum(epoch["images_per_second"] * epoch["seconds"] for epoch in history)
     size = train_size_of(metrics)
-    # The reference trained on all the data: its figures sit beside full-size runs only.
-    reference = REFERENCE.get(metrics["variant"], (None, None)) if size == "all" else (None, None)
+    reference = _reference(metrics["variant"], size)
     epochs_to_target, seconds_to_target = time_to_accuracy(history, target_val_accuracy)
     return {
         "variant": metrics["variant"],
@@ -288,8 +292,8 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "test acc std": stats["test_accuracy_std"],
         "train s, mean [95% CI]": [_interval(r.train_seconds_mean, r.train_seconds_ci_low, r.train_seconds_ci_high)
                                    for r in stats.itertuples()],
-        "reference test acc": [REFERENCE.get(v, (None, None))[0] for v in stats["variant"]],
-        "reference train s": [REFERENCE.get(v, (None, None))[1] for v in stats["variant"]],
+        "reference test acc": [_reference(v, size)[0] for v, size in zip(stats["variant"], stats["train_size"])],
+        "reference train s": [_reference(v, size)[1] for v, size in zip(stats["variant"], stats["train_size"])],
     })
     paired = pd.DataFrame({
         "comparison": differences["comparison"],

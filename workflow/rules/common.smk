@@ -129,11 +129,11 @@ def hparams_json(wildcards):
     """The run's hyperparameters; its size and lr must be ones the config asks for (else it says which)."""
     variant, size = variant_name(wildcards), parse_size(wildcards.size)
     lrs = {format_lr(lr): lr for lr in learning_rates(config, variant)}
-    sizes = {format_size(s) for s in config["train_sizes"]}
+    sizes = [format_size(s) for s in config["train_sizes"]]
     if wildcards.lr not in lrs or wildcards.size not in sizes:
         raise WorkflowError(
             f"results/runs/{variant}/n{wildcards.size}-lr{wildcards.lr} is not a run of this config: its "
-            f"sizes are n{', n'.join(sorted(sizes))} (train_sizes) and {variant}'s learning rates lr"
+            f"sizes are n{', n'.join(sizes)} (train_sizes) and {variant}'s learning rates lr"
             f"{', lr'.join(lrs)} (sweep, or train/init_overrides/variant_overrides)")
     return json.dumps(run_hparams(config, variant, size, lrs[wildcards.lr]), sort_keys=True)
 
