@@ -81,6 +81,18 @@ def removed_unless_failed(request, path: Path):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def run_dir(results: Path, variant: str, seed: int = 0, train_size: int | None = None, lr: float | None = None) -> Path:
+    """A run's directory under ``results`` (``cnnbench.config.run_name``); ``lr`` defaults to the
+    variant's in config/config.yaml (the demo and full configs keep it)."""
+    import yaml
+
+    from cnnbench.config import resolve_hparams, run_name
+
+    if lr is None:
+        lr = resolve_hparams(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), variant)["lr"]
+    return results / "runs" / run_name(variant, train_size, lr, seed)
+
+
 DEFAULT_HPARAMS = {
     "epochs": 1, "batch_size": 16, "eval_batch_size": 64, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
     "nesterov": False, "weight_decay": 0.0005, "lr_schedule": "constant", "dropout": 0.5, "image_size": 64,

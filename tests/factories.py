@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cnnbench.config import loads_weights, parse_variant
+from cnnbench.config import loads_weights, parse_variant, run_name
 
 CLASS_NAMES = [f"class{i}" for i in range(10)]
 
 
 def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_accuracy: float = 0.45,
-                 train_seconds_per_epoch: float = 10.0, train_size: int = 1000,
-                 energy_joules_per_epoch: float | None = None) -> dict:
+                 train_seconds_per_epoch: float = 10.0, train_size: int = 1000, lr: float = 0.01,
+                 per_class: int | None = None, energy_joules_per_epoch: float | None = None) -> dict:
+    """``train_size``: training images (data.train_size); ``per_class``: the run's configured subset
+    size (config.train_size, None = all)."""
     framework, model, init = parse_variant(variant)
     history = [
         {"epoch": i + 1, "train_loss": 2.0 - 0.3 * i, "train_accuracy": acc - 0.05, "val_loss": 2.1 - 0.3 * i,
@@ -28,7 +30,7 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
     return {
         "schema_version": 1, "variant": variant, "framework": framework, "model": model, "init": init,
         "seed": seed,
-        "config": {"epochs": len(history), "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+        "config": {"epochs": len(history), "batch_size": 64, "lr": lr, "train_size": per_class, "momentum": 0.9, "weight_decay": 5e-4,
                    "image_size": 64},
         "data": {"source": "synthetic", "train_size": train_size, "val_size": 100, "test_size": 100,
                  "sha256": "a" * 64},
@@ -51,7 +53,8 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
 
 
 def write_metrics(root: Path, metrics: dict) -> Path:
-    path = root / "runs" / metrics["variant"] / f"seed{metrics['seed']}" / "metrics.json"
+    config = metrics["config"]
+    path = root / "runs" / run_name(metrics["variant"], config.get("train_size"), config["lr"], metrics["seed"]) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics))
     return path

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cnnbench.metrics import load_metrics
-from conftest import REPO, removed_unless_failed
+from conftest import REPO, removed_unless_failed, run_dir
 from test_workflow import job_counts, snakemake
 
 # Tiny: 6 training images per class, one epoch; cosine schedule and Nesterov for every variant,
@@ -34,15 +34,15 @@ def keyed_run(request, tmp_path_factory):
 def test_keys_reach_the_trainers_and_the_metrics(keyed_run):
     workdir, output = keyed_run
     assert job_counts(output)["train_torch"] == job_counts(output)["train_keras"] == 1
-    runs = workdir / "results" / "runs"
-    torch_run = load_metrics(runs / "torch-alexnet-scratch" / "seed0" / "metrics.json")
-    keras_run = load_metrics(runs / "keras-alexnet-scratch" / "seed0" / "metrics.json")
+    results = workdir / "results"
+    torch_run = load_metrics(run_dir(results, "torch-alexnet-scratch") / "metrics.json")
+    keras_run = load_metrics(run_dir(results, "keras-alexnet-scratch") / "metrics.json")
     for metrics in (torch_run, keras_run):
         assert metrics["config"]["lr_schedule"] == "cosine" and metrics["config"]["nesterov"] is True
         assert metrics["config"]["batch_size"] == 16 and len(metrics["history"]) == 1
     assert torch_run["config"]["compile"] == "on" and keras_run["config"]["compile"] == "auto"
     assert keras_run["environment"]["keras_backend"] == "jax"
     assert ", jax " in keras_run["environment"]["framework_version"]
-    torch_log = (runs / "torch-alexnet-scratch" / "seed0" / "train.log").read_text()
+    torch_log = (run_dir(results, "torch-alexnet-scratch") / "train.log").read_text()
     assert "compiling the model with torch.compile (compile: on)" in torch_log
     assert torch_run["environment"]["compiled"] is True

@@ -19,7 +19,7 @@ import pytest
 
 from cnnbench.data import load_prepared
 from cnnbench.metrics import load_metrics
-from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
+from conftest import REPO, removed_unless_failed, require_tool, run_dir, skip_or_fail
 from test_workflow import PARAMETERS
 
 IMAGES = {"torch": REPO / "containers" / "torch.sif", "keras": REPO / "containers" / "tensorflow.sif"}
@@ -60,7 +60,7 @@ def test_container_demo_produces_every_output(container_demo):
     assert "Using workflow specific profile profiles/default" in output  # its singularity-args: --nv
     results = workdir / "results"
     for variant in DEMO_VARIANTS:
-        run = results / "runs" / variant / "seed0"
+        run = run_dir(results, variant)
         metrics = load_metrics(run / "metrics.json")  # validates against the schema
         assert metrics["variant"] == variant and len(metrics["history"]) == 2
         assert (run / MODEL_FILE[metrics["framework"]]).stat().st_size > 4 * PARAMETERS[metrics["model"]]

@@ -277,3 +277,59 @@ def test_impossible_validation_size():
     dataset = data.make_synthetic(train_per_class=2, test_per_class=1)
     with pytest.raises(DataError, match="cannot take 500 of 20"):
         data.split_and_limit(dataset, val_size=500, seed=0)
+
+
+# ------------------------------------------------------------------- training-set sizes
+
+@pytest.fixture(scope="module")
+def unbalanced_prepared(tmp_path_factory) -> Path:
+    """A prepared file whose classes have 30, 20 and 12 training images after the validation split."""
+    rng = np.random.default_rng(1)
+    counts = [36, 24, 15]
+    labels = np.repeat(np.arange(3), counts)
+    images = rng.integers(0, 256, size=(len(labels), 8, 8, 3), dtype=np.uint8)
+    test_labels = np.arange(9) % 3
+    dataset = data.Dataset(images, labels, images[:9], test_labels, tuple(CLASSES))
+    arrays = data.split_and_limit(dataset, val_size=13, seed=5)
+    path = tmp_path_factory.mktemp("sizes") / "prepared.npz"
+    np.savez(path, source=np.asarray("synthetic"), **arrays)
+    return path
+
+
+def test_train_sizes_are_stratified_nested_and_share_validation_and_test(unbalanced_prepared):
+    full = data.load_prepared(unbalanced_prepared)
+    assert list(np.bincount(full["y_train"])) == [30, 20, 12]
+    previous = None
+    for per_class in (1, 3, 7, 12):
+        subset = data.load_prepared(unbalanced_prepared, per_class)
+        assert list(np.bincount(subset["y_train"], minlength=3)) == [per_class] * 3  # stratified: k per class
+        images = {row.tobytes() for row in subset["x_train"]}
+        full_images = {row.tobytes() for row in full["x_train"]}
+        assert images <= full_images and len(images) == 3 * per_class
+        if previous is not None:
+            assert previous <= images  # nested: each smaller subset inside every larger one
+        previous = images
+        for key in ("x_val", "y_val", "x_test", "y_test"):
+            assert np.array_equal(subset[key], full[key]), key  # the same validation and test sets
+    # The same seed gives the same subset; the subset is a random draw, not the first images per class.
+    again = data.load_prepared(unbalanced_prepared, 3)
+    assert np.array_equal(again["x_train"], data.load_prepared(unbalanced_prepared, 3)["x_train"])
+    first_three = np.concatenate([np.flatnonzero(full["y_train"] == c)[:3] for c in range(3)])
+    assert not np.array_equal(np.sort(first_three), data.train_subset(full["y_train"],
+                                                                       np.load(unbalanced_prepared)["train_rank"], 3))
+
+
+def test_train_size_beyond_a_class_says_what_to_choose(unbalanced_prepared):
+    with pytest.raises(DataError, match=r"train size 13 images per class exceeds the 12 training images of class 2"
+                                        r".*choose train_sizes up to 12, or null"):
+        data.load_prepared(unbalanced_prepared, 13)
+
+
+def test_train_ranks_follow_the_split_seed(tmp_path):
+    dataset = data.make_synthetic(train_per_class=20, test_per_class=2, image_size=8, num_classes=3)
+    ranks = {seed: data.split_and_limit(dataset, val_size=6, seed=seed)["train_rank"] for seed in (0, 0, 1)}
+    same = data.split_and_limit(dataset, val_size=6, seed=0)["train_rank"]
+    assert np.array_equal(ranks[0], same) and not np.array_equal(ranks[0], ranks[1])
+    labels = data.split_and_limit(dataset, val_size=6, seed=0)["y_train"]
+    for label in range(3):  # a permutation of 0..n-1 within each class
+        assert sorted(same[labels == label]) == list(range(int((labels == label).sum())))

@@ -14,7 +14,7 @@ from cnnbench.config import VALID_VARIANTS, parse_variant
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
-from conftest import REPO, removed_unless_failed, run_python
+from conftest import REPO, removed_unless_failed, run_dir, run_python
 from test_gpu_slots import overlap
 from test_report import assert_statistics_recomputed
 from test_trainers import MODEL_SUFFIX, is_backbone_layer, unchanged_layers
@@ -53,7 +53,7 @@ def test_every_variant_and_seed_trained(grid_run):
     assert counts["port_torch_weights_to_keras"] == 3  # AlexNet, VGG16 and ResNet-50, once each
     for variant in VALID_VARIANTS:
         for seed in SEEDS:
-            metrics = load_metrics(workdir / "results" / "runs" / variant / f"seed{seed}" / "metrics.json")
+            metrics = load_metrics(run_dir(workdir / "results", variant, seed) / "metrics.json")
             assert (metrics["variant"], metrics["seed"]) == (variant, seed)
             assert metrics["init"] == parse_variant(variant).init
 
@@ -66,8 +66,8 @@ def test_frozen_runs_keep_the_staged_backbone_bit_identical(grid_run):
     for framework in ("torch", "keras"):
         for model, stem in (("alexnet", "alexnet-owt-7be5be79"), ("vgg16", "vgg16-397923af")):
             staged = weights / (f"{stem}.pth" if framework == "torch" else f"{stem}{PORTED_SUFFIX}")
-            run = workdir / "results" / "runs" / f"{framework}-{model}-frozen" / "seed0"
-            twin = workdir / "results" / "runs" / f"{framework}-{model}-pretrained" / "seed0"
+            run = run_dir(workdir / "results", f"{framework}-{model}-frozen")
+            twin = run_dir(workdir / "results", f"{framework}-{model}-pretrained")
             assert load_metrics(run / "metrics.json")["weights"] == load_metrics(twin / "metrics.json")["weights"] == {
                 "source": "standin", "sha256": file_digest(staged)}
             unchanged = unchanged_layers(framework, run / MODEL_SUFFIX[framework], staged)
@@ -79,7 +79,7 @@ def test_frozen_runs_keep_the_staged_backbone_bit_identical(grid_run):
 def test_concurrent_trainings_had_different_gpus(grid_run):
     """The GPU slots on the stand-in pool: trainings that ran at the same time had different GPUs."""
     workdir, _ = grid_run
-    runs = {(variant, seed): load_metrics(workdir / "results" / "runs" / variant / f"seed{seed}" / "metrics.json")
+    runs = {(variant, seed): load_metrics(run_dir(workdir / "results", variant, seed) / "metrics.json")
             ["environment"] for variant in VALID_VARIANTS for seed in SEEDS}
     assert {env["cuda_visible_devices"] for env in runs.values()} == {"0", "1"}
     concurrent = [(a, b) for a, b in itertools.combinations(runs, 2) if overlap(runs[a], runs[b])]
@@ -123,8 +123,8 @@ def test_keras_runs_start_from_the_torch_runs_weights(grid_run, tmp_path):
                         ("resnet50", "resnet50-11ad3fa6")):
         torch_file, keras_file = weights / f"{stem}.pth", weights / f"{stem}{PORTED_SUFFIX}"
         for seed in SEEDS:
-            runs = {fw: load_metrics(workdir / "results" / "runs" / f"{fw}-{model}-pretrained" / f"seed{seed}"
-                                     / "metrics.json") for fw in ("torch", "keras")}
+            runs = {fw: load_metrics(run_dir(workdir / "results", f"{fw}-{model}-pretrained", seed) / "metrics.json")
+                    for fw in ("torch", "keras")}
             assert runs["torch"]["weights"] == {"source": "standin", "sha256": file_digest(torch_file)}
             assert runs["keras"]["weights"] == {"source": "standin", "sha256": file_digest(keras_file)}
         torch_logits = logits_of("torch", model, torch_file, images)

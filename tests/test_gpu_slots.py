@@ -206,7 +206,7 @@ def test_trainings_share_the_cores_and_start_through_the_launcher(tmp_path):
 
 
 # ------------------------------------------------------- a killed training frees its slot
-RUNS = [f"results/runs/torch-alexnet-scratch/seed{seed}" for seed in (0, 1)]
+RUNS = [f"results/runs/torch-alexnet-scratch/nall-lr0.01/seed{seed}" for seed in (0, 1)]  # config.run_name
 # Two cheap trainings on the demo's data, cut down, on a one-GPU stand-in pool; `gpu=2` lets Snakemake
 # start both at once, so the second waits for the slot the first holds.
 ONE_SLOT = ("variants: [torch-alexnet-scratch]\nseeds: [0, 1]\ngpus: [0]\n"

@@ -26,7 +26,7 @@ CHECKS = {
     "snakemake --configfile config/full.yaml --use-singularity --cores 1 --resources gpu=1": DRY,
     "snakemake --configfile config/full.yaml --use-singularity --cores 32 --resources gpu=4": DRY,
     "snakemake --configfile config/full.yaml --report results/report.html": AFTER_DEMO,
-    "snakemake --cores all results/runs/torch-alexnet-scratch/seed0/metrics.json": DRY,
+    "snakemake --cores all results/runs/torch-alexnet-scratch/nall-lr0.01/seed0/metrics.json": DRY,
     "snakemake --profile profiles/slurm": DRY,
     "snakemake --profile profiles/slurm --use-singularity": DRY,
     "snakemake --configfile config/full.yaml --cores 1 offline_files": REAL,
@@ -130,7 +130,7 @@ def test_offline_files_command_lists_every_download(tmp_path):
 def test_make_clean_removes_the_results(tmp_path):
     assert CHECKS["make clean"] == REAL
     checkout = linked_checkout(tmp_path / "cnnbench")
-    for generated in ("results/runs/x/seed0/metrics.json", ".snakemake/log/x.log"):
+    for generated in ("results/runs/x/nall-lr0.01/seed0/metrics.json", ".snakemake/log/x.log"):
         (checkout / generated).parent.mkdir(parents=True)
         (checkout / generated).write_text("{}")
     result = run_in_checkout(checkout, "make clean")

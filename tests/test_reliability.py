@@ -21,6 +21,7 @@ from cnnbench.data import load_prepared, prepare
 from cnnbench.fileio import atomic_path, write_json_atomic
 from cnnbench.training import PAUSE_AT_STEP_ENV
 from conftest import DEFAULT_HPARAMS, REPO, package_env, run_module, run_python
+from conftest import run_dir as workflow_run_dir
 from test_trainers import MODEL_SUFFIX, train
 
 # The demo setting: synthetic 32x32 images at 64x64, 2 epochs, batch 64 (a few seconds per epoch).
@@ -248,7 +249,7 @@ def process_state(pid: int) -> tuple[str, int] | None:
 
 
 def test_trainer_stops_when_snakemake_is_killed(tmp_path):
-    run_dir = tmp_path / "results" / "runs" / "torch-alexnet-scratch" / "seed0"
+    run_dir = workflow_run_dir(tmp_path / "results", "torch-alexnet-scratch")
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                "--configfile", str(REPO / "config" / "demo.yaml"), "--cores", "1",
                str((run_dir / "metrics.json").relative_to(tmp_path))]

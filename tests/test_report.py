@@ -217,17 +217,19 @@ def test_comparison_across_devices_is_flagged_in_the_table(tmp_path):
 
 
 def test_summary_says_what_it_holds_and_which_expected_runs_are_missing(tmp_path, metrics_files):
-    expected = ["torch-alexnet-scratch/seed0", "keras-vgg16-pretrained/seed0", "torch-vgg16-scratch/seed0",
-                "keras-vgg16-pretrained/seed1"]
+    expected = ["torch-alexnet-scratch/nall-lr0.01/seed0", "keras-vgg16-pretrained/nall-lr0.01/seed0",
+                "torch-vgg16-scratch/nall-lr0.01/seed0", "keras-vgg16-pretrained/nall-lr0.01/seed1"]
     code = report.main([*map(str, metrics_files), "--out-dir", str(tmp_path / "out"), "--expected", *expected])
     assert code == 0
     markdown = (tmp_path / "out" / "summary.md").read_text()
-    assert ("Summarized runs (3): keras-vgg16-pretrained/seed0, torch-alexnet-scratch/seed0, torch-vgg16-scratch/seed0. "
+    assert ("Summarized runs (3): keras-vgg16-pretrained/nall-lr0.01/seed0, torch-alexnet-scratch/nall-lr0.01/seed0, "
+            "torch-vgg16-scratch/nall-lr0.01/seed0. "
             "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64") in markdown
     assert "pretrained weights: standin" in markdown
-    assert "Missing: 1 of the 4 expected runs have no results here: keras-vgg16-pretrained/seed1." in markdown
+    assert ("Missing: 1 of the 4 expected runs have no results here: keras-vgg16-pretrained/nall-lr0.01/seed1."
+            in markdown)
     facts = json.loads((tmp_path / "out" / "summary_facts.json").read_text())
-    assert facts["missing"] == ["keras-vgg16-pretrained/seed1"] and facts["image_size"] == [64]
+    assert facts["missing"] == ["keras-vgg16-pretrained/nall-lr0.01/seed1"] and facts["image_size"] == [64]
 
 
 def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path):
@@ -240,8 +242,8 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     from factories import make_metrics, write_metrics
 
     for variant in ("torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
-                    "keras-vgg16-pretrained"):
-        write_metrics(tmp_path / "results", make_metrics(variant))
+                    "keras-vgg16-pretrained"):  # at the demo's learning rates, so that they are the demo's runs
+        write_metrics(tmp_path / "results", make_metrics(variant, lr=0.001 if variant.endswith("pretrained") else 0.01))
 
     def snakemake(*args):
         result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
@@ -257,8 +259,10 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
     assert "pretrained weights: standin" in html
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
-    assert "<strong>Missing: 50 of the 54 expected runs have no results here: keras-alexnet-frozen/seed0" in html
-    assert "torch-vgg16-scratch/seed2" in html
+    assert ("<strong>Missing: 50 of the 54 expected runs have no results here: "
+            "keras-alexnet-frozen/nall-lr0.01/seed0") in html
+    assert "torch-vgg16-scratch/nall-lr0.01/seed2" in html
+    assert "Learning rates per variant and training-set size" in html  # lr_selection.csv's entry
 
 
 def markdown_table(markdown: str, section: str) -> list[dict]:

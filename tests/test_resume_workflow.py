@@ -13,6 +13,7 @@ from pathlib import Path
 from cnnbench.data import load_prepared
 from cnnbench.metrics import load_metrics
 from conftest import REPO
+from conftest import run_dir as workflow_run_dir
 from test_reliability import comparable, start_paused, stop
 
 VARIANT = "torch-alexnet-scratch"
@@ -26,7 +27,7 @@ def snakemake_command(workdir: Path, target: str) -> list[str]:
 
 def test_trainer_killed_in_a_workflow_run_resumes_on_the_same_command(demo_checkout, tmp_path):
     checkout, _ = demo_checkout
-    run_dir = tmp_path / "results" / "runs" / VARIANT / "seed0"
+    run_dir = workflow_run_dir(tmp_path / "results", VARIANT)
     target = str((run_dir / "metrics.json").relative_to(tmp_path))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     # Prepare the data first, to know the number of steps per epoch, and pause 3 steps into epoch 2.
@@ -54,7 +55,7 @@ def test_trainer_killed_in_a_workflow_run_resumes_on_the_same_command(demo_check
     assert "resuming from" in log and "after epoch 1" in log, log
     assert "epoch 1/2: train loss" not in log  # epoch 1 was not trained again
     resumed = load_metrics(run_dir / "metrics.json")
-    uninterrupted = load_metrics(checkout / "results" / "runs" / VARIANT / "seed0" / "metrics.json")
+    uninterrupted = load_metrics(workflow_run_dir(checkout / "results", VARIANT) / "metrics.json")
     assert [e["epoch"] for e in resumed["history"]] == [1, 2]
     assert comparable(resumed["history"]) == comparable(uninterrupted["history"])  # torch on the CPU: exact
     assert resumed["test"] == uninterrupted["test"]

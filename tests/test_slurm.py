@@ -27,7 +27,7 @@ import yaml
 
 from cnnbench.metrics import load_metrics
 from cnnbench.training import PAUSE_AT_STEP_ENV
-from conftest import REPO, removed_unless_failed, require_tool, skip_or_fail
+from conftest import REPO, removed_unless_failed, require_tool, run_dir, skip_or_fail
 
 PROFILE = REPO / "profiles" / "slurm"
 VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
@@ -109,10 +109,10 @@ def slurm_jobs(workdir: Path) -> dict[int, dict[str, str]]:
 def training_jobs(jobs: dict[int, dict[str, str]], variant: str) -> list[dict[str, str]]:
     framework, model, init = variant.split("-")
     rule = TRAIN_RULE[framework]
-    # Comment=rule_<rule>_wildcards_<framework>_<model>_<init>_<seed>, set by the plugin
+    # Comment=rule_<rule>_wildcards_<framework>_<model>_<init>_<size>_<lr>_<seed>, set by the plugin
     return [job for job in jobs.values()
-            if job.get("Comment", "").startswith(f"rule_{rule}_wildcards_")
-            and job["Comment"].endswith(f"{framework}_{model}_{init}_0")]
+            if job.get("Comment", "").startswith(f"rule_{rule}_wildcards_{framework}_{model}_{init}_")
+            and job["Comment"].endswith("_0")]
 
 
 def asks_for_one_gpu(job: dict[str, str]) -> bool:
@@ -192,7 +192,7 @@ def test_outputs_are_complete(slurm_run):
     workdir, _, _ = slurm_run
     results = workdir / "results"
     for variant in VARIANTS:
-        metrics = load_metrics(results / "runs" / variant / "seed0" / "metrics.json")  # schema-valid
+        metrics = load_metrics(run_dir(results, variant) / "metrics.json")  # schema-valid
         assert (metrics["variant"], metrics["data"]["train_size"]) == (variant, 80)
     assert (results / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(variant in (results / "summary.md").read_text() for variant in VARIANTS)
@@ -204,13 +204,13 @@ def test_cancelled_training_fails_the_run_and_a_rerun_resumes_it(slurm_run):
     """scancel a training job after its first epoch's checkpoint (the trainer paused there by its test
     hook, so the job cannot end first): the run fails; the same command again resumes after epoch 1."""
     workdir, _, run_jobs = slurm_run
-    run_dir = workdir / "results" / "runs" / CANCELLED_VARIANT / "seed0"
-    metrics = run_dir / "metrics.json"
+    cancelled_dir = run_dir(workdir / "results", CANCELLED_VARIANT)
+    metrics = cancelled_dir / "metrics.json"
     earlier = {int(job["JobId"]) for job in training_jobs(run_jobs, CANCELLED_VARIANT)}
     metrics.unlink()
     targets = [str(metrics.relative_to(workdir)), "all"]
     # 80 training images in batches of 64: epoch 2's first step is the third.
-    pause_file = run_dir / "paused-at-step-3"
+    pause_file = cancelled_dir / "paused-at-step-3"
     pause_file.unlink(missing_ok=True)
     env = {**slurm_env(), PAUSE_AT_STEP_ENV: "3"}  # sbatch --export=ALL takes it into the job
 
@@ -229,7 +229,7 @@ def test_cancelled_training_fails_the_run_and_a_rerun_resumes_it(slurm_run):
             time.sleep(0.5)
         jobs.update(slurm_jobs(workdir))
         [job] = [j for j in training_jobs(jobs, CANCELLED_VARIANT) if int(j["JobId"]) not in earlier]
-        assert (run_dir / "checkpoint" / "last.pt").exists()
+        assert (cancelled_dir / "checkpoint" / "last.pt").exists()
         subprocess.run(["scancel", job["JobId"]], check=True, timeout=SLURM_COMMAND_TIMEOUT)  # the job is paused: still there
         proc.wait(timeout=300)
         jobs.update(slurm_jobs(workdir))
@@ -240,13 +240,13 @@ def test_cancelled_training_fails_the_run_and_a_rerun_resumes_it(slurm_run):
     assert proc.returncode != 0, output[-5000:]
     assert f"SLURM-job '{job['JobId']}' failed" in output and "CANCELLED" in output, output[-5000:]
     assert jobs[int(job["JobId"])]["JobState"] == "CANCELLED"
-    assert not metrics.exists() and (run_dir / "checkpoint" / "last.pt").exists()
+    assert not metrics.exists() and (cancelled_dir / "checkpoint" / "last.pt").exists()
 
     start = time.monotonic()
     rerun = run_snakemake(workdir, *targets, jobs=jobs)
     print(f"rerun: {time.monotonic() - start:.0f} s")
     assert rerun.returncode == 0, rerun.output[-8000:]
-    log = (run_dir / "train.log").read_text()
+    log = (cancelled_dir / "train.log").read_text()
     assert "resuming from" in log and "after epoch 1" in log and "epoch 1/2: train loss" not in log, log
     history = json.loads(metrics.read_text())["history"]
     assert [epoch["epoch"] for epoch in history] == [1, 2]

@@ -91,6 +91,15 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
     assert result.stderr.count("energy: measuring") == 1 and f"by {method}" in result.stderr
 
 
+def test_keras_trainer_takes_the_train_size_and_scales_the_epochs(tiny_dataset, tmp_path):
+    """The torch trainer's counterpart runs in tests/test_workflow.py (axes_run)."""
+    train("keras", "keras-alexnet-scratch", tiny_dataset, tmp_path, {"train_size": 2, "min_steps": 3})
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # 2 images per class are 20 images, 2 steps of 16: 3 steps take 2 epochs.
+    assert (metrics["data"]["train_size"], metrics["data"]["val_size"], metrics["data"]["test_size"]) == (20, 20, 30)
+    assert metrics["config"]["train_size"] == 2 and metrics["config"]["epochs"] == len(metrics["history"]) == 2
+
+
 # Run before the Keras trainer: TensorFlow unimportable, as on the lent GPU machine, which has JAX and
 # torch but no TensorFlow.
 WITHOUT_TENSORFLOW = """

@@ -1,7 +1,10 @@
 """Variant names and per-variant hyperparameters, shared by the Snakefile and the trainers.
 
-A run is named ``{framework}-{model}-{init}`` plus a seed. Hyperparameters resolve in three
-layers: ``train`` (defaults for all) <- ``init_overrides[init]`` <- ``variant_overrides[variant]``.
+A variant is named ``{framework}-{model}-{init}``; a run is a variant at one training-set size
+(``train_sizes``: images per class, None for all), one learning rate (``sweep``) and one seed, stored
+under ``results/runs/`` + :func:`run_name`. Hyperparameters resolve in three layers: ``train``
+(defaults for all) <- ``init_overrides[init]`` <- ``variant_overrides[variant]``; a ``sweep`` of
+learning rates for an init replaces the ``lr`` those layers give.
 
 The initialisations: ``scratch`` (random weights, everything trains), ``pretrained`` (ImageNet
 weights, everything trains: fine-tuning) and ``frozen`` (the same ImageNet weights; the model's
@@ -64,6 +67,57 @@ def resolve_hparams(config: dict, variant: str) -> dict:
     hparams.update(config.get("init_overrides", {}).get(parsed.init, {}))
     hparams.update(config.get("variant_overrides", {}).get(variant, {}))
     return hparams
+
+
+# --------------------------------------------------------- the runs: sizes, learning rates, seeds
+# One layout for every run directory (the Snakefile's RUN_DIR, the report's run names, the tests).
+RUN_LAYOUT = "{variant}/n{size}-lr{lr}/seed{seed}"
+
+
+def format_size(train_size: int | None) -> str:
+    """A training-set size (images per class; None = all) as it appears in a run's path."""
+    return "all" if train_size is None else str(int(train_size))
+
+
+def parse_size(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as it appears in a run's path: Python's shortest round-trip repr of the float
+    (``float(format_lr(x)) == x``), only digits, ``.``, ``e``, ``+`` and ``-``."""
+    return repr(float(lr))
+
+
+def run_name(variant: str, train_size: int | None, lr: float, seed: int) -> str:
+    """A run's directory under ``results/runs/``: ``{variant}/n{size|all}-lr{lr}/seed{seed}``."""
+    return RUN_LAYOUT.format(variant=variant, size=format_size(train_size), lr=format_lr(lr), seed=seed)
+
+
+def learning_rates(config: dict, variant: str) -> list[float]:
+    """The learning rates a variant trains with: its init's ``sweep`` or else its one resolved lr."""
+    init = parse_variant(variant).init
+    swept = config.get("sweep", {}).get(init, {}).get("lr")
+    if not swept:
+        return [float(resolve_hparams(config, variant)["lr"])]
+    if "lr" in config.get("variant_overrides", {}).get(variant, {}):
+        raise ConfigError(f"variant_overrides.{variant}.lr and sweep.{init}.lr both set the learning rate of "
+                          f"{variant}: remove one of them")
+    return [float(lr) for lr in swept]
+
+
+def run_hparams(config: dict, variant: str, train_size: int | None, lr: float) -> dict:
+    """What one run trains with: the variant's hyperparameters at this lr, plus its training-set size
+    (images per class, None = all; the trainer takes the subset and scales the epochs, see
+    ``training.training_budget``)."""
+    return {**resolve_hparams(config, variant), "lr": float(lr), "train_size": train_size}
+
+
+def configured_runs(config: dict) -> list[tuple[str, int | None, float, int]]:
+    """(variant, train_size, lr, seed) of every run the config asks for."""
+    return [(variant, size, lr, seed) for variant in config["variants"]
+            for size in config.get("train_sizes", [None])
+            for lr in learning_rates(config, variant) for seed in config["seeds"]]
 
 
 # ------------------------------------------------------------ the config against its schema

@@ -2,7 +2,9 @@
 
 The prepared file holds uint8 images (N, H, W, 3), int64 labels and the class names, with a
 seeded, stratified validation split carved out of the training set. The test set is only
-ever used for the final evaluation.
+ever used for the final evaluation. ``train_rank`` gives each training image its place in one
+seeded permutation of its class: a run on k images per class trains on those ranked below k
+(:func:`train_subset`), so the subsets are stratified and nested, from one file.
 
 Sources:
 - ``cifar10``: the official CIFAR-10 python tarball (downloaded and md5-checked if absent);
@@ -250,6 +252,32 @@ def stratified_indices(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def class_ranks(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Each item's position (0, 1, ...) in one seeded random permutation of its class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    ranks = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        ranks[rng.permutation(members)] = np.arange(len(members))
+    return ranks
+
+
+def train_subset(labels: np.ndarray, ranks: np.ndarray, per_class: int | None) -> np.ndarray:
+    """Sorted indices of the first ``per_class`` training images of every class in the prepared file's
+    permutation (``train_rank``); all of them for None. A smaller subset lies inside every larger one."""
+    labels, ranks = np.asarray(labels), np.asarray(ranks)
+    if per_class is None:
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    if per_class > counts.min():
+        raise DataError(
+            f"train size {per_class} images per class exceeds the {counts.min()} training images of class "
+            f"{classes[counts.argmin()]} in the prepared data: choose train_sizes up to {counts.min()}, or null "
+            "for the whole training split.")
+    return np.flatnonzero(ranks < per_class)
+
+
 def split_and_limit(dataset: Dataset, val_size: int, seed: int,
                     train_limit: int | None = None, test_limit: int | None = None) -> dict[str, np.ndarray]:
     """Carve the validation split from train, then optionally subsample train and test."""
@@ -265,7 +293,7 @@ def split_and_limit(dataset: Dataset, val_size: int, seed: int,
         keep = stratified_indices(y_test, test_limit, seed + 2)
         x_test, y_test = x_test[keep], y_test[keep]
     return {
-        "x_train": x_train, "y_train": y_train,
+        "x_train": x_train, "y_train": y_train, "train_rank": class_ranks(y_train, seed + 3),
         "x_val": dataset.x_train[val_idx], "y_val": dataset.y_train[val_idx],
         "x_test": x_test, "y_test": y_test,
         "class_names": np.asarray(dataset.class_names),
@@ -301,9 +329,18 @@ def prepare(data_config: dict, out: str | os.PathLike) -> dict:
     return {k: int(len(v)) for k, v in arrays.items() if k.startswith("y_")}
 
 
-def load_prepared(path: str | os.PathLike) -> dict:
+def load_prepared(path: str | os.PathLike, train_size: int | None = None) -> dict:
+    """The prepared file's arrays, the training split cut to ``train_size`` images per class (None: all);
+    validation and test are the same whatever the size."""
     with np.load(path, allow_pickle=False) as archive:
         data = {key: archive[key] for key in archive.files}
+    ranks = data.pop("train_rank", None)
+    if train_size is not None:
+        if ranks is None:
+            raise DataError(f"{path} was prepared by an older cnnbench (no train_rank), so it cannot be cut to "
+                            f"{train_size} images per class: delete it and rerun the workflow to prepare it again.")
+        keep = train_subset(data["y_train"], ranks, train_size)
+        data["x_train"], data["y_train"] = data["x_train"][keep], data["y_train"][keep]
     data["class_names"] = tuple(str(c) for c in data["class_names"])
     data["source"] = str(data["source"])
     return data

@@ -223,7 +223,7 @@ class Checkpoint:
 
 
 def run(args: training.RunArgs, backend: str) -> dict:
-    hp = dict(args.hparams)
+    hp = args.hparams  # training.load_data resolves the epochs in it
     stop = StopRequested(args.run_dir)
     keras = import_keras(backend)
     from .keras_models import build_model, make_optimizer  # registers custom objects for loading too

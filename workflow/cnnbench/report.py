@@ -1,9 +1,16 @@
 """Aggregate metrics.json files: per-run and per-variant tables, paired differences, plots.
 
-Writes into ``--out-dir``: summary.csv (one row per run), variant_stats.csv (per variant over
-seeds: mean, standard deviation, 95% t-interval of test accuracy and training time; mean GPU energy),
-paired_differences.csv (the report's questions, paired by seed: pretrained - scratch,
-frozen - scratch, torch - keras), summary.md (all three tables),
+Runs differ in variant, training-set size (images per class), learning rate and seed. For each
+variant and size the learning rate with the best mean final validation accuracy over seeds is
+selected (``select_learning_rates``: validation figures only, never test ones); every other output
+holds the selected runs only.
+
+Writes into ``--out-dir``: lr_selection.csv (validation accuracy of every swept learning rate, the
+selected one flagged), summary.csv (one row per selected run, with its time to
+``--target-val-accuracy``), variant_stats.csv (per variant and size over seeds: mean, standard
+deviation, 95% t-interval of test accuracy and training time; mean GPU energy), paired_differences.csv (the report's
+questions, per size, paired by seed: pretrained - scratch, frozen -
+scratch, torch - keras), summary.md (all four tables),
 learning_curves.png, per_class_accuracy.png, confusion_matrices.png, and summary_facts.json: which
 runs, data, input size, epochs and weights the summary holds, and which expected runs it lacks (what
 the Snakemake report's captions say, whatever config the report is built with).
@@ -12,6 +19,7 @@ the Snakemake report's captions say, whatever config the report is built with).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -19,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import FRAMEWORKS, INITS, MODELS, loads_weights
+from .config import FRAMEWORKS, INITS, MODELS, format_size, loads_weights, run_name
 from .fileio import atomic_path, write_text_atomic
 from .metrics import MetricsError, load_metrics
 
@@ -30,26 +38,66 @@ REFERENCE = {
     "torch-alexnet-pretrained": (0.8611, 473.11),
     "keras-vgg16-pretrained": (0.8796, 377.25),
 }
-RUN_COLUMNS = ["variant", "seed", "epochs", "best_val_accuracy", "test_accuracy", "train_seconds",
-               "energy_joules", "images_per_second", "device", "weights", "data", "reference_test_accuracy",
+RUN_COLUMNS = ["variant", "train_size", "lr", "seed", "epochs", "train_images", "val_accuracy",
+               "best_val_accuracy", "test_accuracy", "train_seconds", "energy_joules", "epochs_to_target", "seconds_to_target",
+               "images_per_second", "device", "weights", "data", "reference_test_accuracy",
                "reference_train_seconds"]
+# What the learning-rate selection may read: no test figure among them.
+SELECTION_COLUMNS = ["variant", "train_size", "lr", "seed", "val_accuracy"]
 OUTPUTS = ("summary.csv", "variant_stats.csv", "paired_differences.csv", "summary.md",
-           "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png", "summary_facts.json")
+           "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png", "summary_facts.json",
+           "lr_selection.csv")
 CONFIDENCE = 0.95
 
 
-def summary_row(metrics: dict) -> dict:
+def train_size_of(metrics: dict) -> str:
+    """The run's training-set size as its path and the tables name it: images per class, or ``all``."""
+    return format_size(metrics["config"].get("train_size"))
+
+
+def size_order(size: str) -> float:
+    """Sort key of a ``train_size`` label: by images per class, ``all`` last."""
+    return float("inf") if size == "all" else float(size)
+
+
+def _reference(variant: str, train_size: str) -> tuple[float | None, float | None]:
+    """The reference's (test accuracy, seconds); it trained on all the data, so none for a subset."""
+    return REFERENCE.get(variant, (None, None)) if train_size == "all" else (None, None)
+
+
+def time_to_accuracy(history: list[dict], target: float | None) -> tuple[int | None, float | None]:
+    """The first epoch whose validation accuracy reaches ``target`` and the training seconds up to the
+    end of that epoch (the sum of the epochs' ``seconds``); (None, None) if none does or no target."""
+    if target is None:
+        return None, None
+    seconds = 0.0
+    for record in history:
+        seconds += record["seconds"]
+        if record["val_accuracy"] >= target:
+            return record["epoch"], seconds
+    return None, None
+
+
+def summary_row(metrics: dict, target_val_accuracy: float | None = None) -> dict:
     history = metrics["history"]
     images = sum(epoch["images_per_second"] * epoch["seconds"] for epoch in history)
-    reference = REFERENCE.get(metrics["variant"], (None, None))
+    size = train_size_of(metrics)
+    reference = _reference(metrics["variant"], size)
+    epochs_to_target, seconds_to_target = time_to_accuracy(history, target_val_accuracy)
     return {
         "variant": metrics["variant"],
+        "train_size": size,
+        "lr": float(metrics["config"]["lr"]),
         "seed": metrics["seed"],
         "epochs": len(history),
+        "train_images": metrics["data"]["train_size"],
+        "val_accuracy": history[-1]["val_accuracy"],
         "best_val_accuracy": max(epoch["val_accuracy"] for epoch in history),
         "test_accuracy": metrics["test"]["accuracy"],
         "train_seconds": metrics["train_seconds"],
         "energy_joules": metrics["energy"]["joules"],  # None (an empty cell) when not measured
+        "epochs_to_target": epochs_to_target,
+        "seconds_to_target": seconds_to_target,
         "images_per_second": images / metrics["train_seconds"] if metrics["train_seconds"] else 0.0,
         "device": metrics["environment"]["device_name"],
         "weights": metrics["weights"]["source"],
@@ -59,9 +107,42 @@ def summary_row(metrics: dict) -> dict:
     }
 
 
-def summarize(metrics_list: list[dict]) -> pd.DataFrame:
-    rows = [summary_row(m) for m in metrics_list]
-    return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["variant", "seed"], ignore_index=True)
+def _sorted(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    return frame.sort_values(columns, key=lambda c: c.map(size_order) if c.name == "train_size" else c,
+                             ignore_index=True)
+
+
+def summarize(metrics_list: list[dict], target_val_accuracy: float | None = None) -> pd.DataFrame:
+    """One row per run (every learning rate)."""
+    rows = [summary_row(m, target_val_accuracy) for m in metrics_list]
+    frame = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"epochs_to_target": "Int64"})
+    return _sorted(frame, ["variant", "train_size", "lr", "seed"])
+
+
+def select_learning_rates(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and training-set size, each learning rate's final validation accuracy over seeds
+    (mean, sample std, n) and ``selected``: the best mean; on a tie, the smallest learning rate.
+
+    ``sweep`` has the SELECTION_COLUMNS only, so that no test figure can sway the choice.
+    """
+    rows = []
+    for (variant, size), group in sweep[SELECTION_COLUMNS].groupby(["variant", "train_size"], sort=False):
+        candidates = []
+        for lr, runs in group.groupby("lr", sort=True):
+            values = runs["val_accuracy"].to_numpy(dtype=float)
+            candidates.append({"variant": variant, "train_size": size, "lr": lr, "seeds": len(values),
+                               "val_accuracy_mean": values.mean(),
+                               "val_accuracy_std": values.std(ddof=1) if len(values) > 1 else np.nan})
+        best = min(candidates, key=lambda row: (-row["val_accuracy_mean"], row["lr"]))
+        rows += [{**row, "selected": row is best} for row in candidates]
+    columns = ["variant", "train_size", "lr", "seeds", "val_accuracy_mean", "val_accuracy_std", "selected"]
+    return _sorted(pd.DataFrame(rows, columns=columns), ["variant", "train_size", "lr"])
+
+
+def selected_runs(runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``runs`` at their variant's and size's selected learning rate."""
+    chosen = selection.loc[selection["selected"], ["variant", "train_size", "lr"]]
+    return _sorted(runs.merge(chosen, on=["variant", "train_size", "lr"]), ["variant", "train_size", "seed"])
 
 
 def mean_interval(values) -> dict:
@@ -77,9 +158,10 @@ def mean_interval(values) -> dict:
 
 
 def variant_stats(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and training-set size (at its selected learning rate) over seeds."""
     rows = []
-    for variant, group in runs.groupby("variant", sort=True):
-        row = {"variant": variant, "seeds": len(group)}
+    for (variant, size), group in runs.groupby(["variant", "train_size"], sort=False):
+        row = {"variant": variant, "train_size": size, "lr": group["lr"].iloc[0], "seeds": len(group)}
         for column in ("test_accuracy", "train_seconds"):
             stats = mean_interval(group[column])
             row.update({f"{column}_{k}": v for k, v in stats.items() if k != "n"})
@@ -117,31 +199,32 @@ def _devices_cell(row) -> str:
 
 
 def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
-    """Differences between two variants over the seeds both ran (paired by seed)."""
+    """Differences between two variants at the same training-set size over the seeds both ran (paired
+    by seed), each at its own selected learning rate."""
     rows = []
-    for question, first, second in comparisons(set(runs["variant"])):
-        paired = runs[runs.variant == first].merge(runs[runs.variant == second], on="seed", suffixes=("_a", "_b"))
+    sizes = sorted(set(runs["train_size"]), key=size_order)
+    for (question, first, second), size in itertools.product(comparisons(set(runs["variant"])), sizes):
+        at_size = runs[runs.train_size == size]
+        paired = at_size[at_size.variant == first].merge(at_size[at_size.variant == second], on="seed",
+                                                         suffixes=("_a", "_b"))
         if paired.empty:
             continue
-        row = {"comparison": question, "a": first, "b": second, "paired_seeds": len(paired)}
+        row = {"comparison": question, "train_size": size, "a": first, "b": second, "paired_seeds": len(paired)}
         row.update(device_check(paired["device_a"], paired["device_b"]))
         for column in ("test_accuracy", "train_seconds"):
             stats = mean_interval(paired[f"{column}_a"] - paired[f"{column}_b"])
             row.update({f"{column}_diff_{k}": v for k, v in stats.items() if k != "n"})
         rows.append(row)
-    columns = ["comparison", "a", "b", "paired_seeds", "devices_a", "devices_b", "mixed_devices"] + [
+    columns = ["comparison", "train_size", "a", "b", "paired_seeds", "devices_a", "devices_b", "mixed_devices"] + [
         f"{c}_diff_{k}" for c in ("test_accuracy", "train_seconds") for k in ("mean", "std", "ci_low", "ci_high")]
     return pd.DataFrame(rows, columns=columns)
 
 
-def run_name(variant: str, seed: int) -> str:
-    """A run as the workflow names its directory: ``{variant}/seed{seed}``."""
-    return f"{variant}/seed{seed}"
-
-
-def summary_facts(metrics_list: list[dict], expected: list[str] | None = None) -> dict:
+def summary_facts(metrics_list: list[dict], expected: list[str] | None = None,
+                  target_val_accuracy: float | None = None) -> dict:
     """What the summarized runs are, read from their metrics, and the expected runs not among them."""
-    runs = sorted(run_name(m["variant"], m["seed"]) for m in metrics_list)
+    runs = sorted(run_name(m["variant"], m["config"].get("train_size"), m["config"]["lr"], m["seed"])
+                  for m in metrics_list)
     return {
         "runs": runs,
         "data": sorted({m["data"]["source"] for m in metrics_list}),
@@ -150,6 +233,8 @@ def summary_facts(metrics_list: list[dict], expected: list[str] | None = None) -
         "image_size": sorted({m["config"]["image_size"] for m in metrics_list}),
         "epochs": sorted({len(m["history"]) for m in metrics_list}),
         "weights": sorted({m["weights"]["source"] for m in metrics_list if loads_weights(m["init"])}),
+        "train_sizes": sorted({train_size_of(m) for m in metrics_list}, key=size_order),
+        "target_val_accuracy": target_val_accuracy,
         "missing": sorted(set(expected or []) - set(runs)),
     }
 
@@ -204,10 +289,12 @@ def _energy(joules) -> str:
     return "–" if pd.isna(joules) else f"{joules:.4g}"
 
 
-def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame, facts: dict,
-                expected: int) -> str:
+def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame, selection: pd.DataFrame,
+                facts: dict, expected: int) -> str:
     per_variant = pd.DataFrame({
         "variant": stats["variant"],
+        "train size": stats["train_size"],
+        "lr": stats["lr"],
         "seeds": stats["seeds"],
         "test acc, mean [95% CI]": [_interval(r.test_accuracy_mean, r.test_accuracy_ci_low, r.test_accuracy_ci_high)
                                     for r in stats.itertuples()],
@@ -215,11 +302,12 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "train s, mean [95% CI]": [_interval(r.train_seconds_mean, r.train_seconds_ci_low, r.train_seconds_ci_high)
                                    for r in stats.itertuples()],
         "energy J, mean": stats["energy_joules_mean"].map(_energy),
-        "reference test acc": [REFERENCE.get(v, (None, None))[0] for v in stats["variant"]],
-        "reference train s": [REFERENCE.get(v, (None, None))[1] for v in stats["variant"]],
+        "reference test acc": [_reference(v, size)[0] for v, size in zip(stats["variant"], stats["train_size"])],
+        "reference train s": [_reference(v, size)[1] for v, size in zip(stats["variant"], stats["train_size"])],
     })
     paired = pd.DataFrame({
         "comparison": differences["comparison"],
+        "train size": differences["train_size"],
         "paired seeds": differences["paired_seeds"],
         "test acc difference [95% CI]": [
             _interval(r.test_accuracy_diff_mean, r.test_accuracy_diff_ci_low, r.test_accuracy_diff_ci_high)
@@ -229,8 +317,15 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
             for r in differences.itertuples()],
         "devices": [_devices_cell(r) for r in differences.itertuples()],
     })
-    shown = runs.drop(columns=["weights", "data"]).assign(energy_joules=runs["energy_joules"].map(_energy))
+    sweep = selection.assign(selected=selection["selected"].map({True: "yes", False: ""})).rename(columns={
+        "train_size": "train size", "val_accuracy_mean": "val acc mean", "val_accuracy_std": "val acc std"})
+    target = facts.get("target_val_accuracy")
+    shown = runs.drop(columns=["weights", "data"]).astype({"epochs_to_target": object})
+    shown["energy_joules"] = runs["energy_joules"].map(_energy)
+    shown["epochs_to_target"] = shown["epochs_to_target"].where(shown["epochs_to_target"].notna(), None)
     shown = shown.rename(columns={
+        "train_size": "train size", "train_images": "train images", "val_accuracy": "final val acc",
+        "epochs_to_target": "epochs to target", "seconds_to_target": "s to target",
         "best_val_accuracy": "best val acc", "test_accuracy": "test acc", "train_seconds": "train s",
         "energy_joules": "energy J",
         "images_per_second": "images/s", "reference_test_accuracy": "reference test acc",
@@ -247,7 +342,16 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "## Per variant\n\n" + table(per_variant) + "\n\n"
         "## Paired differences (same seeds)\n\n"
         + (table(paired) if len(paired) else "No pair of configured variants answers a comparison.") + "\n\n"
-        "## Per run\n\n" + table(shown) + "\n"
+        "## Learning-rate selection (validation)\n\n"
+        "Per variant and training-set size (images per class), the final-epoch validation accuracy of "
+        "each learning rate over seeds; the selected one has the best mean (on a tie, the smallest "
+        "learning rate). Test figures play no part in the choice; the tables above and below hold the "
+        "selected runs only.\n\n" + table(sweep) + "\n\n"
+        "## Per run\n\n"
+        + (f"Time to accuracy: the first epoch whose validation accuracy reached {target:g}, and the "
+           "training seconds up to its end (empty: never reached).\n\n" if target is not None else
+           "No target_val_accuracy configured: no time to accuracy.\n\n")
+        + table(shown) + "\n"
     )
 
 
@@ -267,9 +371,11 @@ def _save(fig, out: Path) -> None:
 
 
 def _by_variant(metrics_list):
+    """Runs grouped by variant and, for a subset of the training data, its size (``variant n100``)."""
     grouped: dict[str, list[dict]] = {}
-    for metrics in sorted(metrics_list, key=lambda m: (m["variant"], m["seed"])):
-        grouped.setdefault(metrics["variant"], []).append(metrics)
+    for metrics in sorted(metrics_list, key=lambda m: (m["variant"], size_order(train_size_of(m)), m["seed"])):
+        size = train_size_of(metrics)
+        grouped.setdefault(metrics["variant"] + ("" if size == "all" else f" n{size}"), []).append(metrics)
     return grouped
 
 
@@ -343,20 +449,28 @@ def plot_confusion_matrices(metrics_list: list[dict], out: Path) -> None:
     _save(fig, out)
 
 
-def write_report(metrics_list: list[dict], out_dir: Path, expected: list[str] | None = None) -> pd.DataFrame:
-    """Every output; ``expected`` names the runs (``variant/seedN``) the summary should hold."""
-    runs = summarize(metrics_list)
+def write_report(metrics_list: list[dict], out_dir: Path, expected: list[str] | None = None,
+                 target_val_accuracy: float | None = None) -> pd.DataFrame:
+    """Every output; ``expected`` names the runs (``config.run_name``) the summary should hold."""
+    all_runs = summarize(metrics_list, target_val_accuracy)
+    selection = select_learning_rates(all_runs[SELECTION_COLUMNS])
+    runs = selected_runs(all_runs, selection)
+    chosen = {(row.variant, row.train_size, row.lr) for row in runs.itertuples()}
+    selected_metrics = [m for m in metrics_list
+                        if (m["variant"], train_size_of(m), float(m["config"]["lr"])) in chosen]
     stats = variant_stats(runs)
     differences = paired_differences(runs)
-    facts = summary_facts(metrics_list, expected)
-    for frame, name in ((runs, "summary.csv"), (stats, "variant_stats.csv"), (differences, "paired_differences.csv")):
+    facts = summary_facts(metrics_list, expected, target_val_accuracy)
+    for frame, name in ((runs, "summary.csv"), (stats, "variant_stats.csv"), (differences, "paired_differences.csv"),
+                        (selection, "lr_selection.csv")):
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, index=False)
     write_text_atomic(out_dir / "summary_facts.json", json.dumps(facts, indent=1) + "\n")
-    write_text_atomic(out_dir / "summary.md", to_markdown(runs, stats, differences, facts, len(expected or [])))
-    plot_learning_curves(metrics_list, out_dir / "learning_curves.png")
-    plot_per_class_accuracy(metrics_list, out_dir / "per_class_accuracy.png")
-    plot_confusion_matrices(metrics_list, out_dir / "confusion_matrices.png")
+    write_text_atomic(out_dir / "summary.md",
+                      to_markdown(runs, stats, differences, selection, facts, len(expected or [])))
+    plot_learning_curves(selected_metrics, out_dir / "learning_curves.png")
+    plot_per_class_accuracy(selected_metrics, out_dir / "per_class_accuracy.png")
+    plot_confusion_matrices(selected_metrics, out_dir / "confusion_matrices.png")
     return runs
 
 
@@ -364,15 +478,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json files")
     parser.add_argument("--out-dir", required=True, type=Path, help=f"where to write {', '.join(OUTPUTS)}")
-    parser.add_argument("--expected", nargs="*", default=[], metavar="VARIANT/seedN",
+    parser.add_argument("--expected", nargs="*", default=[], metavar="VARIANT/nSIZE-lrLR/seedN",
                         help="the runs the summary should hold; those without a metrics file are named as missing")
+    parser.add_argument("--target-val-accuracy", type=float, default=None,
+                        help="validation accuracy whose first epoch and training seconds each run reports")
     args = parser.parse_args(argv)
     try:
         metrics_list = [load_metrics(path) for path in args.metrics]
     except (MetricsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    write_report(metrics_list, args.out_dir, args.expected)
+    write_report(metrics_list, args.out_dir, args.expected, args.target_val_accuracy)
     print((args.out_dir / "summary.md").read_text())
     return 0
 

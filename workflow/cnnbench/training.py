@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import ConfigError, loads_weights, parse_variant
-from .data import load_prepared
+from .data import DataError, load_prepared
 from .fileio import file_digest, write_json_atomic, write_text_atomic
 from .metrics import SCHEMA_VERSION, validate_metrics
 from .weights import WeightsError, published_spec, resolve_preprocessing
@@ -141,9 +141,29 @@ def epoch_order(num_images: int, seed: int, hparams: dict) -> np.ndarray:
     return order
 
 
+def training_budget(hparams: dict, num_train: int) -> tuple[int, int]:
+    """(epochs, steps per epoch) of a run on ``num_train`` images: ``epochs``, raised where needed so
+    that the run makes at least ``min_steps`` optimizer steps (small training sets); unchanged where
+    ``min_steps`` is unset or already met."""
+    steps_per_epoch = -(-num_train // hparams["batch_size"])
+    if hparams.get("max_steps_per_epoch"):
+        steps_per_epoch = min(steps_per_epoch, hparams["max_steps_per_epoch"])
+    epochs = hparams["epochs"]
+    if hparams.get("min_steps"):
+        epochs = max(epochs, -(-hparams["min_steps"] // steps_per_epoch))
+    return epochs, steps_per_epoch
+
+
 def load_data(args: RunArgs) -> dict:
-    data = load_prepared(args.data)
+    """The prepared data cut to the run's ``train_size`` (images per class; None: all), and the run's
+    epochs resolved for that size (``training_budget``) in ``args.hparams``, which the metrics record."""
+    args.hparams.setdefault("train_size", None)
+    try:
+        data = load_prepared(args.data, args.hparams["train_size"])
+    except DataError as err:
+        raise TrainingError(str(err)) from err
     data["sha256"] = file_digest(args.data)
+    args.hparams["epochs"], _ = training_budget(args.hparams, len(data["y_train"]))
     return data
 
 

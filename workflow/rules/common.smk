@@ -6,9 +6,12 @@ from pathlib import Path
 PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
-from cnnbench.config import INITS, MODELS, ConfigError, loads_weights, parse_variant, resolve_hparams  # noqa: E402
+from cnnbench.config import (  # noqa: E402
+    INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, format_size, learning_rates, loads_weights,
+    parse_size, parse_variant, run_hparams, run_name,
+)
 from cnnbench.gpu_slot import export_pool  # noqa: E402
-from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, run_name  # noqa: E402
+from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, offline_files, offline_table, published_files, RELEASES, weights_path  # noqa: E402
 
 
@@ -99,13 +102,13 @@ shell.prefix(f"export PYTHONPATH={PACKAGE_DIR}; ")
 TORCH_IMAGE = container_image(config["containers"]["torch"])
 KERAS_IMAGE = container_image(config["containers"]["tensorflow"])
 DATA = "results/data/dataset.npz"
-RUN_DIR = "results/runs/{framework}-{model}-{init}/seed{seed}"
+RUN_WILDCARDS = {"variant": "{framework}-{model}-{init}", "size": "{size}", "lr": "{lr}", "seed": "{seed}"}
+RUN_DIR = f"results/runs/{RUN_LAYOUT.format(**RUN_WILDCARDS)}"
 WEIGHTS_DIR = config["weights_dir"]
 SUMMARY_FILES = [f"results/{name}" for name in REPORT_OUTPUTS]
 
 try:
-    for _variant in config["variants"]:
-        resolve_hparams(config, _variant)
+    RUNS = configured_runs(config)
 except (ConfigError, RuntimeError) as err:
     raise WorkflowError(f"invalid config: {err}")
 
@@ -119,6 +122,8 @@ wildcard_constraints:
     model="|".join(MODELS),
     init="|".join(INITS),
     seed=r"\d+",
+    size=r"all|\d+",
+    lr=r"\d[0-9.e+-]*",
 
 
 def variant_name(wildcards):
@@ -126,7 +131,16 @@ def variant_name(wildcards):
 
 
 def hparams_json(wildcards):
-    return json.dumps(resolve_hparams(config, variant_name(wildcards)), sort_keys=True)
+    """The run's hyperparameters; its size and lr must be ones the config asks for (else it says which)."""
+    variant, size = variant_name(wildcards), parse_size(wildcards.size)
+    lrs = {format_lr(lr): lr for lr in learning_rates(config, variant)}
+    sizes = [format_size(s) for s in config["train_sizes"]]
+    if wildcards.lr not in lrs or wildcards.size not in sizes:
+        raise WorkflowError(
+            f"results/runs/{variant}/n{wildcards.size}-lr{wildcards.lr} is not a run of this config: its "
+            f"sizes are n{', n'.join(sizes)} (train_sizes) and {variant}'s learning rates lr"
+            f"{', lr'.join(lrs)} (sweep, or train/init_overrides/variant_overrides)")
+    return json.dumps(run_hparams(config, variant, size, lrs[wildcards.lr]), sort_keys=True)
 
 
 def pretrained_weights(wildcards):
@@ -143,11 +157,11 @@ def weights_args(wildcards, input):
 
 
 def all_metrics():
-    return expand("results/runs/{variant}/seed{seed}/metrics.json", variant=config["variants"], seed=config["seeds"])
+    return [f"results/runs/{run_name(*run)}/metrics.json" for run in RUNS]
 
 
-def configured_runs():
-    return [run_name(variant, seed) for variant in config["variants"] for seed in config["seeds"]]
+def expected_runs():
+    return [run_name(*run) for run in RUNS]
 
 
 # ------------------------------------------------------------------------------ GPU slots

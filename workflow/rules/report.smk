@@ -16,16 +16,21 @@ rule summarize:
             "results/confusion_matrices.png", caption="../report/confusion_matrices.rst", category="Plots"
         ),
         facts="results/summary_facts.json",
+        lr_selection=report(
+            "results/lr_selection.csv", caption="../report/lr_selection.rst", category="Tables"
+        ),
     params:
         out_dir=lambda w, output: os.path.dirname(output.runs),
-        expected=configured_runs(),
+        expected=expected_runs(),
+        target=(f"--target-val-accuracy {config['target_val_accuracy']}"
+                if config["target_val_accuracy"] is not None else ""),
         # For the captions only: read from summary_facts.json when the report is built, against the
         # report's config. A param computed from `output` is no rerun trigger (Snakemake skips
         # params derived from input/output files).
-        facts=lambda w, output: caption_facts(output.facts, configured_runs()),
+        facts=lambda w, output: caption_facts(output.facts, expected_runs()),
     log:
         "results/logs/summarize.log",
     container:
         TORCH_IMAGE
     shell:
-        "python -m cnnbench.report {input} --out-dir {params.out_dir} --expected {params.expected} > {log} 2>&1"
+        "python -m cnnbench.report {input} --out-dir {params.out_dir} --expected {params.expected} {params.target} > {log} 2>&1"
