@@ -267,7 +267,8 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
 
 def markdown_table(markdown: str, section: str) -> list[dict]:
     """The rows of the table under ``## {section}`` in summary.md, as dicts of cell text."""
-    lines = markdown.split(f"## {section}\n", 1)[1].strip().split("\n\n", 1)[0].splitlines()
+    blocks = markdown.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0].strip().split("\n\n")
+    lines = next(block for block in blocks if block.startswith("|")).splitlines()  # after any prose
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return [dict(zip(cells[0], row)) for row in cells[2:]]
 

@@ -73,7 +73,7 @@ def test_sweep_and_a_variant_lr_override_conflict_with_what_to_do():
 
 
 @pytest.mark.parametrize("bad", [{"sweep": {"scratch": {"lr": []}}}, {"sweep": {"scratch": {"lr": [0]}}},
-                                 {"sweep": {"scratch": {"lr": [0.1, 0.1]}}}, {"sweep": {"frozen": {"lr": [0.1]}}},
+                                 {"sweep": {"scratch": {"lr": [0.1, 0.1]}}}, {"sweep": {"fine-tuned": {"lr": [0.1]}}},
                                  {"sweep": {"scratch": {"momentum": [0.9]}}}, {"train_sizes": [0]},
                                  {"train_sizes": [10, 10]}, {"target_val_accuracy": 1.5}])
 def test_schema_rejects_bad_axes(bad):
