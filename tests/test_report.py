@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -125,7 +126,7 @@ def test_statistics_over_seeds(tmp_path, seeded_files):
 
     markdown = (out / "summary.md").read_text()
     assert "## Per variant" in markdown and "## Paired differences" in markdown and "## Per run" in markdown
-    assert f"0.5 [{0.5 - half_width:.4g}, {0.5 + half_width:.4g}]" in markdown
+    assert f"0.5000 [{0.5 - half_width:.4f}, {0.5 + half_width:.4f}]" in markdown
 
 
 def test_frozen_runs_are_summarized_and_compared_beside_pretrained(tmp_path):
@@ -178,10 +179,12 @@ def test_learning_curves_have_one_labelled_line_per_variant_and_bands(tmp_path, 
 
     monkeypatch.setattr(plt.Figure, "savefig", spy)
     run_report(tmp_path, seeded_files)
-    train_ax, val_ax = figures[0].axes
+    train_ax, val_ax, train_loss_ax, val_loss_ax = figures[0].axes
     assert [line.get_label() for line in val_ax.get_lines()] == [
         "keras-alexnet-scratch (3 seeds)", "torch-alexnet-pretrained (3 seeds)", "torch-alexnet-scratch (3 seeds)"]
     assert len(val_ax.collections) == 3  # one spread band per variant
+    assert [ax.get_title() for ax in (train_loss_ax, val_loss_ax)] == ["train loss", "validation loss"]
+    assert len(val_loss_ax.get_lines()) == 3 and len(val_loss_ax.collections) == 3
     assert len(figures[2].axes) == 3  # a confusion matrix per variant
 
 
@@ -309,3 +312,72 @@ def test_energy_is_shown_beside_the_time_and_a_dash_where_not_measured(tmp_path)
         ("torch-alexnet-scratch", "0", "200"), ("torch-alexnet-scratch", "1", "220"),
         ("torch-alexnet-scratch", "2", "240")]
     assert {r["energy J"] for r in per_run if r["variant"] == "keras-alexnet-scratch"} == {"–"}
+
+
+def test_learning_curves_show_loss_beside_accuracy_on_whole_epochs():
+    """Per epoch, the accuracy curves above the loss curves the history records, on integer ticks."""
+    runs = [make_metrics("torch-alexnet-scratch", seed, val_accuracies=(0.2, 0.4, 0.35)) for seed in (0, 1)]
+    figure = report.learning_curves_figure(runs)
+    figure.canvas.draw()
+    axes = dict(zip([ax.get_title() for ax in figure.axes], figure.axes))
+    assert set(axes) == {"train accuracy", "validation accuracy", "train loss", "validation loss"}
+    assert axes["train loss"].get_ylabel() == "cross-entropy loss" and axes["train accuracy"].get_ylabel() == "accuracy"
+    for key, title in report.LEARNING_CURVES:
+        line, = axes[title].get_lines()
+        np.testing.assert_allclose(line.get_xdata(), [1, 2, 3])
+        np.testing.assert_allclose(line.get_ydata(), [epoch[key] for epoch in runs[0]["history"]])
+        ticks = [tick for tick in axes[title].get_xticks() if 1 <= tick <= 3]
+        assert ticks == [1, 2, 3], (title, axes[title].get_xticks())
+        assert all(float(tick).is_integer() for tick in axes[title].get_xticks()), title
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def markdown_tables(markdown: str) -> dict[str, list[dict]]:
+    """summary.md's tables by section title: one dict (header -> cell) per row."""
+    tables = {}
+    for section in markdown.split("\n## ")[1:]:
+        title, *lines = section.splitlines()
+        rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines
+                if line.startswith("|") and not line.startswith("|:")]
+        tables[title] = [dict(zip(rows[0], row)) for row in rows[1:]] if rows else []
+    return tables
+
+
+ACCURACY = r"-?[01]\.\d{4}"  # the one format of an accuracy (or accuracy difference): a 4-decimal fraction
+
+
+def test_single_seed_shows_a_dash_and_accuracies_one_format(tmp_path, metrics_files):
+    """One seed: "–" for the std and intervals (never "nan"); every accuracy a 4-decimal fraction."""
+    _, out = run_report(tmp_path, metrics_files)
+    markdown = (out / "summary.md").read_text()
+    assert "nan" not in markdown.lower()
+    tables = markdown_tables(markdown)
+    per_variant = {row["variant"]: row for row in tables["Per variant"]}
+    assert per_variant["torch-alexnet-scratch"] == {
+        "variant": "torch-alexnet-scratch", "train size": "all", "lr": "0.01", "seeds": "1",
+        "test acc, mean [95% CI]": "0.3800 [–]", "test acc std": "–", "train s, mean [95% CI]": "15.0 [–]",
+        "energy J, mean": "–", "reference test acc": "0.8278", "reference train s": "438.9"}
+    assert per_variant["torch-vgg16-scratch"]["reference test acc"] == "–"  # not a variant of the reference
+    per_run = {row["variant"]: row for row in tables["Per run"]}
+    assert (per_run["torch-alexnet-scratch"]["best val acc"], per_run["torch-alexnet-scratch"]["test acc"]) == (
+        "0.4000", "0.3800")
+    accuracy_cell = re.compile(rf"^(–|{ACCURACY})( \[(–|{ACCURACY}, {ACCURACY})\])?$")
+    for title, rows in tables.items():
+        for row in rows:
+            for header, cell in row.items():
+                if "acc" in header:
+                    assert accuracy_cell.match(cell), (title, header, cell)
+
+
+def test_several_seeds_give_intervals_in_the_same_format(tmp_path, seeded_files):
+    _, out = run_report(tmp_path, seeded_files)
+    tables = markdown_tables((out / "summary.md").read_text())
+    scratch = next(row for row in tables["Per variant"] if row["variant"] == "torch-alexnet-scratch")
+    half_width = 4.302652729749464 * 0.1 / 3 ** 0.5  # t(0.975, df=2)
+    assert scratch["test acc, mean [95% CI]"] == f"0.5000 [{0.5 - half_width:.4f}, {0.5 + half_width:.4f}]"
+    assert scratch["test acc std"] == "0.1000"
+    gain = next(row for row in tables["Paired differences (same seeds)"]
+                if row["comparison"] == "pretrained - scratch (torch alexnet)")
+    assert re.fullmatch(rf"0\.2000 \[{ACCURACY}, {ACCURACY}\]", gain["test acc difference [95% CI]"])

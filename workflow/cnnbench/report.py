@@ -279,10 +279,24 @@ def caption_facts(facts_path: str | Path, configured: list[str]) -> dict:
     return {"about": describe_runs(facts), "missing": describe_missing(missing, len(configured), unexpected)}
 
 
-def _interval(mean, low, high, digits=4) -> str:
+# Human-facing numbers: every accuracy (and accuracy difference) as a fraction with 4 decimals,
+# seconds and rates with 1; "–" where a value does not exist (a single seed's std and interval).
+MISSING = "–"
+
+
+def format_accuracy(value) -> str:
+    return MISSING if value is None or pd.isna(value) else f"{value:.4f}"
+
+
+def format_seconds(value) -> str:
+    return MISSING if value is None or pd.isna(value) else f"{value:.1f}"
+
+
+def _interval(mean, low, high, number=format_accuracy) -> str:
+    """``mean [low, high]``; ``mean [–]`` without an interval (one seed)."""
     if pd.isna(low):
-        return f"{mean:.{digits}g}"
-    return f"{mean:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
+        return f"{number(mean)} [{MISSING}]"
+    return f"{number(mean)} [{number(low)}, {number(high)}]"
 
 
 def _energy(joules) -> str:
@@ -298,12 +312,14 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "seeds": stats["seeds"],
         "test acc, mean [95% CI]": [_interval(r.test_accuracy_mean, r.test_accuracy_ci_low, r.test_accuracy_ci_high)
                                     for r in stats.itertuples()],
-        "test acc std": stats["test_accuracy_std"],
-        "train s, mean [95% CI]": [_interval(r.train_seconds_mean, r.train_seconds_ci_low, r.train_seconds_ci_high)
-                                   for r in stats.itertuples()],
+        "test acc std": stats["test_accuracy_std"].map(format_accuracy),
+        "train s, mean [95% CI]": [_interval(r.train_seconds_mean, r.train_seconds_ci_low, r.train_seconds_ci_high,
+                                             format_seconds) for r in stats.itertuples()],
         "energy J, mean": stats["energy_joules_mean"].map(_energy),
-        "reference test acc": [_reference(v, size)[0] for v, size in zip(stats["variant"], stats["train_size"])],
-        "reference train s": [_reference(v, size)[1] for v, size in zip(stats["variant"], stats["train_size"])],
+        "reference test acc": [format_accuracy(_reference(v, size)[0])
+                               for v, size in zip(stats["variant"], stats["train_size"])],
+        "reference train s": [format_seconds(_reference(v, size)[1])
+                              for v, size in zip(stats["variant"], stats["train_size"])],
     })
     paired = pd.DataFrame({
         "comparison": differences["comparison"],
@@ -313,7 +329,8 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
             _interval(r.test_accuracy_diff_mean, r.test_accuracy_diff_ci_low, r.test_accuracy_diff_ci_high)
             for r in differences.itertuples()],
         "train s difference [95% CI]": [
-            _interval(r.train_seconds_diff_mean, r.train_seconds_diff_ci_low, r.train_seconds_diff_ci_high)
+            _interval(r.train_seconds_diff_mean, r.train_seconds_diff_ci_low, r.train_seconds_diff_ci_high,
+                      format_seconds)
             for r in differences.itertuples()],
         "devices": [_devices_cell(r) for r in differences.itertuples()],
     })
@@ -331,13 +348,21 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "images_per_second": "images/s", "reference_test_accuracy": "reference test acc",
         "reference_train_seconds": "reference train s",
     })
+    for column in ("final val acc", "best val acc", "test acc", "reference test acc"):
+        shown[column] = shown[column].map(format_accuracy)
+    for column in ("train s", "s to target", "images/s", "reference train s"):
+        shown[column] = shown[column].map(format_seconds)
+    shown["epochs to target"] = shown["epochs to target"].map(lambda epoch: MISSING if epoch is None else str(epoch))
+    for column in ("val acc mean", "val acc std"):
+        sweep[column] = sweep[column].map(format_accuracy)
     missing = describe_missing(facts["missing"], expected)
-    table = lambda frame: frame.to_markdown(index=False, floatfmt=".4g", missingval="")  # noqa: E731
+    # Cells are formatted above; tabulate must not reparse them as numbers.
+    table = lambda frame: frame.to_markdown(index=False, disable_numparse=True)  # noqa: E731
     return (
         "# Results\n\n"
         + describe_runs(facts) + "\n\n" + (f"**{missing}**\n\n" if missing else "")
-        + f"Intervals are two-sided {CONFIDENCE:.0%} "
-        "t-intervals over seeds (none with a single seed). Reference: the original report (A100, 10 "
+        + "Accuracies are fractions of images classified correctly, to 4 decimals. Intervals are two-sided "
+        f"{CONFIDENCE:.0%} t-intervals over seeds ({MISSING} with a single seed). Reference: the original report (A100, 10 "
         "epochs, batch 64, one seed; it validated Keras runs on the test set).\n\n"
         "## Per variant\n\n" + table(per_variant) + "\n\n"
         "## Paired differences (same seeds)\n\n"
@@ -379,14 +404,22 @@ def _by_variant(metrics_list):
     return grouped
 
 
-def plot_learning_curves(metrics_list: list[dict], out: Path) -> None:
-    """Train and validation accuracy per epoch: mean over seeds, with a +-1 std band."""
+LEARNING_CURVES = (("train_accuracy", "train accuracy"), ("val_accuracy", "validation accuracy"),
+                   ("train_loss", "train loss"), ("val_loss", "validation loss"))
+
+
+def learning_curves_figure(metrics_list: list[dict]):
+    """Accuracy (top row) and loss (bottom row) per epoch, train left and validation right: mean over
+    seeds, with a +-1 std band. Axes in ``LEARNING_CURVES`` order."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, grid = plt.subplots(2, 2, figsize=(12, 8), sharex=True, sharey="row")
+    axes = list(grid.flat)
     for variant, runs in _by_variant(metrics_list).items():
         label = f"{variant} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         color = None
-        for ax, key in zip(axes, ("train_accuracy", "val_accuracy")):
+        for ax, (key, _) in zip(axes, LEARNING_CURVES):
             epochs = min(len(r["history"]) for r in runs)
             values = np.array([[e[key] for e in r["history"][:epochs]] for r in runs])
             x = np.arange(1, epochs + 1)
@@ -395,14 +428,22 @@ def plot_learning_curves(metrics_list: list[dict], out: Path) -> None:
             if len(runs) > 1:
                 ax.fill_between(x, values.mean(0) - values.std(0, ddof=1), values.mean(0) + values.std(0, ddof=1),
                                 color=color, alpha=0.2)
-    for ax, title in zip(axes, ("train accuracy", "validation accuracy")):
+    for ax, (_, title) in zip(axes, LEARNING_CURVES):
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[1].legend(fontsize="small", loc="best")
+    for ax in grid[1]:
+        ax.set_xlabel("epoch")
+        ax.tick_params(labelbottom=True)
+    grid[0, 0].set_ylabel("accuracy")
+    grid[1, 0].set_ylabel("cross-entropy loss")
+    grid[0, 1].legend(fontsize="small", loc="best")
     fig.tight_layout()
-    _save(fig, out)
+    return fig
+
+
+def plot_learning_curves(metrics_list: list[dict], out: Path) -> None:
+    _save(learning_curves_figure(metrics_list), out)
 
 
 def plot_per_class_accuracy(metrics_list: list[dict], out: Path) -> None:
