@@ -362,8 +362,8 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "# Results\n\n"
         + describe_runs(facts) + "\n\n" + (f"**{missing}**\n\n" if missing else "")
         + "Accuracies are fractions of images classified correctly, to 4 decimals. Intervals are two-sided "
-        f"{CONFIDENCE:.0%} t-intervals over seeds ({MISSING} with a single seed). Reference: the original report (A100, 10 "
-        "epochs, batch 64, one seed; it validated Keras runs on the test set).\n\n"
+        f"{CONFIDENCE:.0%} t-intervals over seeds ({MISSING} with a single seed). Reference: the original report "
+        "(A100, 10 epochs, batch 64, one seed; it validated Keras runs on the test set).\n\n"
         "## Per variant\n\n" + table(per_variant) + "\n\n"
         "## Paired differences (same seeds)\n\n"
         + (table(paired) if len(paired) else "No pair of configured variants answers a comparison.") + "\n\n"
