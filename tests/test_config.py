@@ -147,7 +147,7 @@ def test_unknown_keys_are_rejected_naming_the_valid_ones(config, key, valid, hin
 
 
 def test_every_shipped_config_has_only_known_keys():
-    for name in ("config.yaml", "demo.yaml", "full.yaml"):
+    for name in ("config.yaml", "demo.yaml", "full.yaml", "study.yaml", "study-demo.yaml"):
         check_known_keys(load(name), schema())
 
 
@@ -266,3 +266,58 @@ def test_resnet50_weights_follow_the_config_keys():
     config["torch_resnet50_weights"] = "v3"
     with pytest.raises(WorkflowError):
         validate(config, SCHEMA)
+
+
+def test_the_study_config_asks_for_every_run_of_its_axes(tmp_path):
+    """config/study.yaml: 18 variants x 4 sizes x 3 learning rates x 3 seeds, each run a training job
+    of a dry run (nothing needs to exist for it)."""
+    import itertools
+
+    from cnnbench.config import run_name
+
+    study = load("study.yaml")
+    check_known_keys(study, schema())
+    assert sorted(study["variants"]) == sorted(VALID_VARIANTS)
+    assert study["train_sizes"] == [10, 100, 1000, None] and study["seeds"] == [0, 1, 2]
+    rates = {init: study["sweep"][init]["lr"] for init in ("scratch", "pretrained", "frozen")}
+    assert all(len(lrs) == 3 for lrs in rates.values())
+    expected = {f"results/runs/{run_name(variant, size, lr, seed)}/metrics.json"
+                for variant, size, seed in itertools.product(study["variants"], study["train_sizes"], study["seeds"])
+                for lr in rates[parse_variant(variant).init]}
+    assert len(expected) == 648
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(REPO / "config" / "study.yaml")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert set(re.findall(r"^\s+output: (results/runs/\S+/metrics\.json)", output, re.M)) == expected
+    jobs = dict(re.findall(r"^(train_torch|train_keras)\s+(\d+)$", output, re.M))
+    assert jobs == {"train_torch": "324", "train_keras": "324"}
+
+
+def test_the_readme_study_estimate_is_the_arithmetic_on_the_study_config():
+    """README's GPU-hour estimate: the study's images seen per run (training_budget's epochs at each
+    size; validation and test images counted as a third of a training image: forward only), times the
+    reference's slowest A100 time per training image."""
+    import math
+
+    from cnnbench.report import REFERENCE
+    from cnnbench.training import training_budget
+
+    study = load("study.yaml")
+    defaults = load("config.yaml")["train"]
+    hparams = {**defaults, **study["train"]}
+    per_class_all = (50_000 - study["data"]["val_size"]) // 10
+    per_run, epochs_at = 0.0, {}
+    for size in study["train_sizes"]:
+        images = 10 * (size or per_class_all)
+        epochs, _ = training_budget(hparams, images)
+        epochs_at[size] = epochs
+        per_run += epochs * images + (epochs * study["data"]["val_size"] + 10_000) / 3
+    assert epochs_at == {10: 250, 100: 32, 1000: 10, None: 10}
+    seconds_per_image = max(seconds for _, seconds in REFERENCE.values()) / (10 * 50_000)
+    runs = len(study["variants"]) * 3 * len(study["seeds"])  # per size
+    hours = per_run * runs * seconds_per_image / 3600
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"{round(per_run):,} training-image equivalents" in readme
+    assert f"{per_run * runs / 1e6:.0f} million" in readme and f"about {math.floor(hours + 0.5)} A100 GPU-hours" in readme

@@ -162,9 +162,11 @@ def test_markdown_and_plots(tmp_path, metrics_files):
     for header in ("variant", "epochs", "best val acc", "test acc", "train s", "images/s", "device",
                    "reference test acc", "reference train s"):
         assert header in markdown
-    for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png"):
+    for name in ("learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png", "data_efficiency.png",
+                 "pretraining_gain.png"):
         png = (out / name).read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+        # No pretrained/scratch pair here: pretraining_gain.png holds only a line saying so.
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > (10_000 if name != "pretraining_gain.png" else 3_000), name
 
 
 def test_learning_curves_have_one_labelled_line_per_variant_and_bands(tmp_path, seeded_files, monkeypatch):
@@ -266,6 +268,11 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
             "keras-alexnet-frozen/nall-lr0.01/seed0") in html
     assert "torch-vgg16-scratch/nall-lr0.01/seed2" in html
     assert "Learning rates per variant and training-set size" in html  # lr_selection.csv's entry
+    # conclusions.md's entry holds its sentences (torch AlexNet's single-seed pair: no interval).
+    assert ("<li>On the whole training split, fine-tuning minus scratch is 0.0000 [\\u2013] test accuracy from a "
+            "single seed: no interval, so no claim.</li>") in html  # rendered, in the report's JSON-escaped data
+    assert "Data efficiency: test accuracy against training images per class" in html
+    assert "What ImageNet weights buy, per framework and model" in html
 
 
 def markdown_table(markdown: str, section: str) -> list[dict]:
@@ -381,3 +388,157 @@ def test_several_seeds_give_intervals_in_the_same_format(tmp_path, seeded_files)
     gain = next(row for row in tables["Paired differences (same seeds)"]
                 if row["comparison"] == "pretrained - scratch (torch alexnet)")
     assert re.fullmatch(rf"0\.2000 \[{ACCURACY}, {ACCURACY}\]", gain["test acc difference [95% CI]"])
+
+
+# Test accuracies per (variant, size) for seeds 0, 1, 2: at 10 per class fine-tuning gains clearly,
+# frozen's gain straddles 0; at 100 frozen trails scratch clearly; on all data both straddle 0.
+GAIN_ACCURACIES = {
+    ("torch-alexnet-scratch", 10): (0.20, 0.25, 0.30), ("torch-alexnet-pretrained", 10): (0.40, 0.44, 0.51),
+    ("torch-alexnet-frozen", 10): (0.30, 0.20, 0.28),
+    ("torch-alexnet-scratch", 100): (0.50, 0.55, 0.60), ("torch-alexnet-pretrained", 100): (0.55, 0.61, 0.68),
+    ("torch-alexnet-frozen", 100): (0.40, 0.46, 0.49),
+    ("torch-alexnet-scratch", None): (0.80, 0.82, 0.84), ("torch-alexnet-pretrained", None): (0.79, 0.86, 0.83),
+    ("torch-alexnet-frozen", None): (0.70, 0.90, 0.75),
+}
+
+
+@pytest.fixture
+def gain_report(tmp_path):
+    """Three sizes x three seeds of a torch scratch/pretrained/frozen triple, and one seed of a Keras
+    scratch/pretrained pair (a comparison without an interval)."""
+    files = []
+    for (variant, size), accuracies in GAIN_ACCURACIES.items():
+        for seed, accuracy in enumerate(accuracies):
+            files.append(write_metrics(tmp_path, make_metrics(variant, seed, test_accuracy=accuracy, per_class=size,
+                                                              train_size=(size or 4500) * 10)))
+    for variant, accuracy in (("keras-vgg16-scratch", 0.3), ("keras-vgg16-pretrained", 0.5)):
+        files.append(write_metrics(tmp_path, make_metrics(variant, 0, test_accuracy=accuracy, per_class=10,
+                                                          train_size=100)))
+    code, out = run_report(tmp_path, files)
+    assert code == 0
+    return out
+
+
+def recomputed_gains(out) -> dict:
+    """(framework model, init, size) -> (mean, low, high, seeds) of test-accuracy gains over scratch,
+    recomputed from summary.csv's runs with scipy (NaN bounds for one seed)."""
+    runs = pd.read_csv(out / "summary.csv", dtype={"train_size": str})
+    gains = {}
+    for (variant, size), group in runs.groupby(["variant", "train_size"]):
+        framework, model, init = variant.split("-")
+        if init == "scratch":
+            continue
+        scratch = runs[(runs.variant == f"{framework}-{model}-scratch") & (runs.train_size == size)]
+        paired = group.merge(scratch, on="seed", suffixes=("", "_scratch"))
+        differences = paired["test_accuracy"] - paired["test_accuracy_scratch"]
+        if len(differences) > 1:
+            statistics = expected_statistics(differences)
+            gains[f"{framework} {model}", init, size] = (statistics["mean"], statistics["ci_low"],
+                                                         statistics["ci_high"], len(differences))
+        else:
+            gains[f"{framework} {model}", init, size] = (differences.iloc[0], np.nan, np.nan, 1)
+    return gains
+
+
+CLAIM = re.compile(rf"^- (?:At (\d+) images per class|On the whole training split), (fine-tuning|the frozen backbone) "
+                   rf"minus scratch is ({ACCURACY}) \[(?:(–)|({ACCURACY}), ({ACCURACY}))\]")
+
+
+def test_conclusions_quote_the_paired_differences_and_say_where_an_interval_includes_0(gain_report):
+    text = (gain_report / "conclusions.md").read_text()
+    gains = recomputed_gains(gain_report)
+    differences = pd.read_csv(gain_report / "paired_differences.csv", dtype={"train_size": str})
+    for row in differences.itertuples():  # the table agrees with the recomputation...
+        framework, model = row.a.split("-")[:2]
+        mean, low, high, seeds = gains[f"{framework} {model}", row.a.split("-")[2], row.train_size]
+        assert row.test_accuracy_diff_mean == pytest.approx(mean, abs=1e-9) and row.paired_seeds == seeds
+        assert (row.test_accuracy_diff_ci_low == pytest.approx(low, abs=1e-9, nan_ok=True)
+                and row.test_accuracy_diff_ci_high == pytest.approx(high, abs=1e-9, nan_ok=True))
+    claimed, heading = {}, None
+    for line in text.splitlines():  # ...and so do the sentences, every one of them
+        if line.startswith("**"):
+            heading = line.strip("*")
+        match = CLAIM.match(line)
+        if not match:
+            continue
+        size, who, mean, dash, low, high = match.groups()
+        key = (heading, "pretrained" if who == "fine-tuning" else "frozen", size or "all")
+        claimed[key] = line
+        expected_mean, expected_low, expected_high, seeds = gains[key]
+        assert mean == f"{expected_mean:.4f}", line
+        if seeds == 1:
+            assert dash == "–" and "single seed: no interval, so no claim" in line, line
+            continue
+        assert (low, high) == (f"{expected_low:.4f}", f"{expected_high:.4f}"), line
+        includes_zero = expected_low <= 0 <= expected_high
+        assert ("the interval includes 0: not supported by these seeds" in line) == includes_zero, line
+        if not includes_zero:
+            verdict = "beats scratch" if expected_mean > 0 else "scratch beats"
+            assert verdict in line and f"over {seeds} seeds" in line, line
+    assert set(claimed) == set(gains)
+    # The designed cases: a clear gain at 10, a clear loss at 100, a straddle at all.
+    assert "fine-tuning beats scratch" in claimed["torch alexnet", "pretrained", "10"]
+    assert "scratch beats the frozen backbone" in claimed["torch alexnet", "frozen", "100"]
+    assert "includes 0" in claimed["torch alexnet", "frozen", "all"]
+    assert ("- The smallest training set where fine-tuning's gain over scratch excludes 0: at 10 images per class."
+            in text.splitlines())
+    assert ("- At no training-set size does the interval of the frozen backbone's gain over scratch exclude 0."
+            in text.splitlines())
+    assert "- With a single seed there is no interval for fine-tuning's gain: run several ``seeds``." in text
+    markdown = (gain_report / "summary.md").read_text()
+    assert text.removeprefix("# Conclusions\n\n") in markdown.split("## Conclusions\n\n", 1)[1]
+    assert "nan" not in text.lower()
+
+
+def test_data_efficiency_plot_shows_the_summary(gain_report):
+    runs = pd.read_csv(gain_report / "summary.csv", dtype={"train_size": str})
+    figure = report.data_efficiency_figure(runs)
+    ax, = figure.axes
+    assert ax.get_xscale() == "log"
+    lines = {line.get_label().split(" (")[0]: line for line in ax.get_lines()}
+    assert sorted(lines) == sorted(runs["variant"].unique())
+    bands = dict(zip([label for label in lines if label.startswith("torch")], ax.collections))
+    for variant, line in lines.items():
+        group = runs[runs.variant == variant]
+        sizes = sorted(group["train_size"].unique(), key=report.size_order)
+        per_size = [group[group.train_size == size] for size in sizes]
+        np.testing.assert_allclose(line.get_xdata(), [rows["train_images"].iloc[0] / 10 for rows in per_size])
+        np.testing.assert_allclose(line.get_ydata(), [rows["test_accuracy"].mean() for rows in per_size])
+        if variant in bands:  # three seeds: a band from the lowest seed to the highest
+            vertices = bands[variant].get_paths()[0].vertices
+            for x, rows in zip(line.get_xdata(), per_size):
+                at_x = vertices[np.isclose(vertices[:, 0], x), 1]
+                assert at_x.min() == pytest.approx(rows["test_accuracy"].min())
+                assert at_x.max() == pytest.approx(rows["test_accuracy"].max())
+    assert len(ax.collections) == 3  # none for the single-seed Keras variants
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["10", "100", "all (4500)"]
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def test_pretraining_gain_plot_shows_the_paired_differences(gain_report):
+    differences = pd.read_csv(gain_report / "paired_differences.csv", dtype={"train_size": str})
+    figure = report.pretraining_gain_figure(differences)
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
+    assert sorted(panels) == ["keras vgg16", "torch alexnet"]
+    drawn = 0
+    for title, ax in panels.items():
+        framework, model = title.split()
+        sizes = [tick.get_text() for tick in ax.get_xticklabels()]
+        for container in ax.containers:
+            init = container.get_label().split(" - ")[0]
+            rows = differences[differences.comparison == f"{init} - scratch ({framework} {model})"]
+            rows = rows.set_index("train_size").loc[sorted(rows["train_size"], key=report.size_order)]
+            data_line, _, (bars,) = container.lines
+            np.testing.assert_allclose(data_line.get_ydata(), rows["test_accuracy_diff_mean"])
+            assert [sizes[round(x)] for x in data_line.get_xdata()] == list(rows.index)
+            segments = [segment for segment in bars.get_segments() if len(segment)]  # none without an interval
+            intervals = rows.dropna(subset=["test_accuracy_diff_ci_low"])
+            np.testing.assert_allclose(np.reshape([segment[:, 1] for segment in segments], (-1, 2)),
+                                       intervals[["test_accuracy_diff_ci_low", "test_accuracy_diff_ci_high"]])
+            drawn += len(rows)
+    assert drawn == len(differences[differences.comparison.str.contains(" - scratch")])
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)

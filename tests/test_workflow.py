@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import re
 import shutil
@@ -105,61 +103,91 @@ def test_missing_metrics_reruns_that_training_alone(demo_run, tmp_path):
     assert {v: (run_dir(results, v) / "metrics.json").stat().st_mtime_ns for v in others} == others
 
 
-# Two training-set sizes x two learning rates of one torch variant, one seed, 1 epoch of 32x32 images
-# (trained at 64x64: AlexNet needs 63), min_steps 4 and a time-to-accuracy target: what the study's axes write.
-AXES_OVERLAY = {
-    "variants": ["torch-alexnet-scratch"],
-    "seeds": [0],
-    "train_sizes": [4, None],
-    "sweep": {"scratch": {"lr": [0.02, 0.005]}},
-    "target_val_accuracy": 0.0,
-    "data": {"synthetic": {"train_per_class": 8, "test_per_class": 2, "image_size": 32}, "val_size": 20},
-    "train": {"epochs": 1, "batch_size": 16, "image_size": 64, "min_steps": 4},
-}
+STUDY_DEMO = REPO / "config" / "study-demo.yaml"  # the README's study on demo data: what the study's axes write
 
 
 @pytest.fixture(scope="module")
 def axes_run(request, tmp_path_factory):
+    """config/demo.yaml + config/study-demo.yaml, two trainings at a time (a thread each)."""
     with removed_unless_failed(request, tmp_path_factory.mktemp("axes")) as workdir:
-        overlay = workdir / "axes.yaml"
-        overlay.write_text(json.dumps(AXES_OVERLAY))  # JSON is YAML
-        yield workdir, snakemake(workdir, "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay))
+        yield workdir, snakemake(workdir, "--configfile", str(REPO / "config" / "demo.yaml"), str(STUDY_DEMO),
+                                 "--resources", "gpu=2")
+
+
+def study_demo() -> dict:
+    import yaml
+
+    return yaml.safe_load(STUDY_DEMO.read_text())
 
 
 def test_sizes_and_learning_rates_run_and_are_selected_on_validation(axes_run):
+    from cnnbench.config import configured_runs, parse_variant
+    from cnnbench.report import time_to_accuracy
+
     workdir, output = axes_run
     results = workdir / "results"
-    assert job_counts(output) == {"prepare_data": 1, "train_torch": 4, "summarize": 1, "all": 1}
-    val_accuracy, first_epoch_seconds = {}, {}
-    for size, lr, seed in itertools.product((4, None), (0.02, 0.005), (0,)):
-        metrics = load_metrics(run_dir(results, "torch-alexnet-scratch", seed, size, lr) / "metrics.json")
+    config = study_demo()
+    runs = configured_runs(config)
+    assert len(runs) == 20
+    counts = job_counts(output)
+    assert (counts["train_torch"], counts["train_keras"], counts["summarize"]) == (16, 4, 1)
+    val_accuracy, history_of = {}, {}
+    for variant, size, lr, seed in runs:
+        metrics = load_metrics(run_dir(results, variant, seed, size, lr) / "metrics.json")
         assert (metrics["config"]["train_size"], metrics["config"]["lr"], metrics["seed"]) == (size, lr, seed)
         assert metrics["data"]["train_size"] == (40 if size else 60)  # 8 per class less 20 for validation
         assert (metrics["data"]["val_size"], metrics["data"]["test_size"]) == (20, 20)
         # min_steps 4: 40 images are 3 steps of 16, so 2 epochs; 60 images are 4 steps, so the 1 set.
         assert metrics["config"]["epochs"] == len(metrics["history"]) == (2 if size else 1)
-        val_accuracy[size, lr, seed] = metrics["history"][-1]["val_accuracy"]
-        first_epoch_seconds["all" if size is None else str(size), lr, seed] = metrics["history"][0]["seconds"]
+        label = "all" if size is None else str(size)
+        val_accuracy[variant, label, lr, seed] = metrics["history"][-1]["val_accuracy"]
+        history_of[variant, label, lr, seed] = metrics["history"]
 
     selection = pd.read_csv(results / "lr_selection.csv", dtype={"train_size": str})
     assert list(selection.columns) == ["variant", "train_size", "lr", "seeds", "val_accuracy_mean",
                                        "val_accuracy_std", "selected"]
-    assert len(selection) == 4 and (selection["seeds"] == 1).all() and selection["val_accuracy_std"].isna().all()
+    assert len(selection) == 10 and (selection["seeds"] == 2).all()  # scratch: 2 sizes x 2 lrs; others 2 x 1
     chosen = {}
-    for size in (4, None):
-        label = "all" if size is None else str(size)
-        rows = selection[selection.train_size == label].set_index("lr")
-        means = {lr: val_accuracy[size, lr, 0] for lr in (0.02, 0.005)}
+    for (variant, label), rows in selection.groupby(["variant", "train_size"]):
+        rates = config["sweep"][parse_variant(variant).init]["lr"]
+        means = {lr: (val_accuracy[variant, label, lr, 0] + val_accuracy[variant, label, lr, 1]) / 2 for lr in rates}
+        rows = rows.set_index("lr")
         for lr, mean in means.items():
             assert rows.loc[lr, "val_accuracy_mean"] == pytest.approx(mean)
-        chosen[label] = min(means, key=lambda lr: (-means[lr], lr))  # best mean, ties: the smaller lr
-        assert rows.index[rows["selected"]].tolist() == [chosen[label]]
+        chosen[variant, label] = min(means, key=lambda lr: (-means[lr], lr))  # best mean, ties: the smaller lr
+        assert rows.index[rows["selected"]].tolist() == [chosen[variant, label]]
 
     summary = pd.read_csv(results / "summary.csv", dtype={"train_size": str})
-    assert sorted(zip(summary.train_size, summary.lr, summary.seed)) == sorted(
-        (label, chosen[label], 0) for label in ("4", "all"))
-    # A target of 0 is reached in the first epoch, after its training seconds.
-    assert (summary["epochs_to_target"] == 1).all()
-    assert [row.seconds_to_target for row in summary.itertuples()] == pytest.approx(
-        [first_epoch_seconds[row.train_size, row.lr, row.seed] for row in summary.itertuples()], rel=1e-12)
+    assert sorted(zip(summary.variant, summary.train_size, summary.lr, summary.seed)) == sorted(
+        (variant, label, lr, seed) for (variant, label), lr in chosen.items() for seed in (0, 1))
+    for row in summary.itertuples():  # time to target, from each run's own history
+        epoch, seconds = time_to_accuracy(history_of[row.variant, row.train_size, row.lr, row.seed],
+                                          config["target_val_accuracy"])
+        assert (None if pd.isna(row.epochs_to_target) else row.epochs_to_target) == epoch
+        assert (None if pd.isna(row.seconds_to_target) else row.seconds_to_target) == pytest.approx(seconds)
     assert "## Learning-rate selection (validation)" in (results / "summary.md").read_text()
+
+
+def test_the_study_demo_writes_its_plots_and_conclusions(axes_run):
+    from PIL import Image
+
+    workdir, _ = axes_run
+    results = workdir / "results"
+    differences = pd.read_csv(results / "paired_differences.csv", dtype={"train_size": str})
+    gains = differences[differences.comparison.str.contains(" - scratch")]
+    assert sorted(set(zip(gains.comparison, gains.train_size))) == sorted(
+        (f"{init} - scratch (torch alexnet)", size) for init in ("pretrained", "frozen") for size in ("4", "all"))
+    assert (gains["paired_seeds"] == 2).all()
+    text = (results / "conclusions.md").read_text()
+    for row in gains.itertuples():
+        where = "At 4 images per class" if row.train_size == "4" else "On the whole training split"
+        who = "fine-tuning" if row.comparison.startswith("pretrained") else "the frozen backbone"
+        claim = next(line for line in text.splitlines() if line.startswith(f"- {where}, {who} minus scratch is "))
+        assert (f"is {row.test_accuracy_diff_mean:.4f} [{row.test_accuracy_diff_ci_low:.4f}, "
+                f"{row.test_accuracy_diff_ci_high:.4f}] test accuracy over 2 seeds") in claim
+        includes_zero = row.test_accuracy_diff_ci_low <= 0 <= row.test_accuracy_diff_ci_high
+        assert ("the interval includes 0: not supported by these seeds" in claim) == includes_zero, claim
+    assert "**torch alexnet**" in text and text.removeprefix("# Conclusions\n\n") in (results / "summary.md").read_text()
+    for name in ("data_efficiency.png", "pretraining_gain.png"):
+        with Image.open(results / name) as image:
+            assert image.format == "PNG" and min(image.size) > 300, name

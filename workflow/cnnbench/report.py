@@ -11,7 +11,9 @@ selected one flagged), summary.csv (one row per selected run, with its time to
 deviation, 95% t-interval of test accuracy and training time; mean GPU energy), paired_differences.csv (the report's
 questions, per size, paired by seed: pretrained - scratch, frozen -
 scratch, torch - keras), summary.md (all four tables),
-learning_curves.png, per_class_accuracy.png, confusion_matrices.png, and summary_facts.json: which
+learning_curves.png, per_class_accuracy.png, confusion_matrices.png, data_efficiency.png (test
+accuracy against images per class), pretraining_gain.png (pretrained - scratch and frozen - scratch
+per size), conclusions.md (the gains in sentences, each with its interval), and summary_facts.json: which
 runs, data, input size, epochs and weights the summary holds, and which expected runs it lacks (what
 the Snakemake report's captions say, whatever config the report is built with).
 """
@@ -38,7 +40,7 @@ REFERENCE = {
     "torch-alexnet-pretrained": (0.8611, 473.11),
     "keras-vgg16-pretrained": (0.8796, 377.25),
 }
-RUN_COLUMNS = ["variant", "train_size", "lr", "seed", "epochs", "train_images", "val_accuracy",
+RUN_COLUMNS = ["variant", "train_size", "lr", "seed", "epochs", "train_images", "images_per_class", "val_accuracy",
                "best_val_accuracy", "test_accuracy", "train_seconds", "energy_joules", "epochs_to_target", "seconds_to_target",
                "images_per_second", "device", "weights", "data", "reference_test_accuracy",
                "reference_train_seconds"]
@@ -46,7 +48,7 @@ RUN_COLUMNS = ["variant", "train_size", "lr", "seed", "epochs", "train_images", 
 SELECTION_COLUMNS = ["variant", "train_size", "lr", "seed", "val_accuracy"]
 OUTPUTS = ("summary.csv", "variant_stats.csv", "paired_differences.csv", "summary.md",
            "learning_curves.png", "per_class_accuracy.png", "confusion_matrices.png", "summary_facts.json",
-           "lr_selection.csv")
+           "lr_selection.csv", "data_efficiency.png", "pretraining_gain.png", "conclusions.md")
 CONFIDENCE = 0.95
 
 
@@ -91,6 +93,8 @@ def summary_row(metrics: dict, target_val_accuracy: float | None = None) -> dict
         "seed": metrics["seed"],
         "epochs": len(history),
         "train_images": metrics["data"]["train_size"],
+        # The x of the data-efficiency plot: "all" at the whole split's count per class.
+        "images_per_class": metrics["data"]["train_size"] / len(metrics["test"]["per_class_accuracy"]),
         "val_accuracy": history[-1]["val_accuracy"],
         "best_val_accuracy": max(epoch["val_accuracy"] for epoch in history),
         "test_accuracy": metrics["test"]["accuracy"],
@@ -279,6 +283,13 @@ def caption_facts(facts_path: str | Path, configured: list[str]) -> dict:
     return {"about": describe_runs(facts), "missing": describe_missing(missing, len(configured), unexpected)}
 
 
+def conclusions_text(path: str | Path) -> str:
+    """conclusions.md without its title, for the report's caption (read when the report is built)."""
+    path = Path(path)
+    if not path.exists():
+        return f"No {path.name} yet: run the workflow (the same command without --report) to summarize the runs."
+    return path.read_text().removeprefix("# Conclusions\n\n")
+
 # Human-facing numbers: every accuracy (and accuracy difference) as a fraction with 4 decimals,
 # seconds and rates with 1; "–" where a value does not exist (a single seed's std and interval).
 MISSING = "–"
@@ -301,6 +312,78 @@ def _interval(mean, low, high, number=format_accuracy) -> str:
 
 def _energy(joules) -> str:
     return "–" if pd.isna(joules) else f"{joules:.4g}"
+
+
+# ------------------------------------------------------------------ what pretraining buys, in sentences
+GAIN_INITS = {"pretrained": "fine-tuning", "frozen": "the frozen backbone"}
+INCLUDES_ZERO = "the interval includes 0: not supported by these seeds"
+
+
+def pretraining_gains(differences: pd.DataFrame) -> pd.DataFrame:
+    """The ``pretrained - scratch`` and ``frozen - scratch`` rows of paired_differences, with their
+    ``framework``, ``model`` and ``init``, in table order."""
+    parts = differences["comparison"].str.extract(r"^(pretrained|frozen) - scratch \((\w+) (\w+)\)$")
+    parts.columns = ["init", "framework", "model"]
+    return pd.concat([differences, parts], axis=1).dropna(subset=["init"]).reset_index(drop=True)
+
+
+def interval_includes_zero(low, high) -> bool:
+    return bool(low <= 0 <= high)
+
+
+def _at_size(size: str) -> str:
+    return "on the whole training split" if size == "all" else f"at {size} images per class"
+
+
+def gain_sentence(row) -> str:
+    """One claim about ``row`` (a pretraining_gains row) with its interval, or why there is none."""
+    what = _at_size(row.train_size)
+    what = what[0].upper() + what[1:]
+    interval = _interval(row.test_accuracy_diff_mean, row.test_accuracy_diff_ci_low, row.test_accuracy_diff_ci_high)
+    difference = f"{GAIN_INITS[row.init]} minus scratch is {interval}"
+    if pd.isna(row.test_accuracy_diff_ci_low):
+        return f"{what}, {difference} test accuracy from a single seed: no interval, so no claim."
+    seeds = f"test accuracy over {row.paired_seeds} seeds"
+    if interval_includes_zero(row.test_accuracy_diff_ci_low, row.test_accuracy_diff_ci_high):
+        return f"{what}, {difference} {seeds}; {INCLUDES_ZERO}."
+    winner, loser = (GAIN_INITS[row.init], "scratch") if row.test_accuracy_diff_mean > 0 else (
+        "scratch", GAIN_INITS[row.init])
+    return f"{what}, {difference} {seeds}: {winner} beats {loser}."
+
+
+def smallest_gain_sentence(rows: pd.DataFrame, init: str) -> str:
+    """The smallest training-set size at which ``init``'s gain over scratch has an interval above 0."""
+    name = GAIN_INITS[init]
+    if rows["test_accuracy_diff_ci_low"].isna().all():
+        return f"With a single seed there is no interval for {name}'s gain: run several ``seeds``."
+    above = rows[rows["test_accuracy_diff_ci_low"] > 0]
+    if above.empty:
+        return f"At no training-set size does the interval of {name}'s gain over scratch exclude 0."
+    size = min(above["train_size"], key=size_order)
+    return f"The smallest training set where {name}'s gain over scratch excludes 0: {_at_size(size)}."
+
+
+def conclusions(differences: pd.DataFrame) -> str:
+    """What pretraining buys per framework and model, in sentences generated from paired_differences:
+    each claim with its 95% interval, and where the interval includes 0, says so. Plain text that is
+    valid Markdown and reStructuredText (summary.md, conclusions.md and the HTML report hold it)."""
+    gains = pretraining_gains(differences)
+    text = ("Generated from the paired differences of test accuracy (same seeds, each variant at its selected "
+            f"learning rate), as mean [{CONFIDENCE:.0%} t-interval]; a claim whose interval includes 0 is not "
+            "supported by these seeds.\n\n")
+    if gains.empty:
+        return text + ("No scratch variant ran beside a pretrained or frozen one of the same framework and model: "
+                       "nothing to conclude about pretraining.\n")
+    for (framework, model), group in gains.groupby(["framework", "model"], sort=False):
+        text += f"**{framework} {model}**\n\n"
+        for init in GAIN_INITS:
+            rows = group[group["init"] == init]
+            rows = rows.iloc[sorted(range(len(rows)), key=lambda i: size_order(rows["train_size"].iloc[i]))]
+            text += "".join(f"- {gain_sentence(row)}\n" for row in rows.itertuples())
+            if len(rows):
+                text += f"- {smallest_gain_sentence(rows, init)}\n"
+        text += "\n"
+    return text
 
 
 def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFrame, selection: pd.DataFrame,
@@ -341,7 +424,8 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
     shown["energy_joules"] = runs["energy_joules"].map(_energy)
     shown["epochs_to_target"] = shown["epochs_to_target"].where(shown["epochs_to_target"].notna(), None)
     shown = shown.rename(columns={
-        "train_size": "train size", "train_images": "train images", "val_accuracy": "final val acc",
+        "train_size": "train size", "train_images": "train images", "images_per_class": "images/class",
+        "val_accuracy": "final val acc",
         "epochs_to_target": "epochs to target", "seconds_to_target": "s to target",
         "best_val_accuracy": "best val acc", "test_accuracy": "test acc", "train_seconds": "train s",
         "energy_joules": "energy J",
@@ -352,6 +436,7 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         shown[column] = shown[column].map(format_accuracy)
     for column in ("train s", "s to target", "images/s", "reference train s"):
         shown[column] = shown[column].map(format_seconds)
+    shown["images/class"] = shown["images/class"].map(lambda count: f"{count:g}")
     shown["epochs to target"] = shown["epochs to target"].map(lambda epoch: MISSING if epoch is None else str(epoch))
     for column in ("val acc mean", "val acc std"):
         sweep[column] = sweep[column].map(format_accuracy)
@@ -367,6 +452,7 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
         "## Per variant\n\n" + table(per_variant) + "\n\n"
         "## Paired differences (same seeds)\n\n"
         + (table(paired) if len(paired) else "No pair of configured variants answers a comparison.") + "\n\n"
+        "## Conclusions\n\n" + conclusions(differences) + "\n"
         "## Learning-rate selection (validation)\n\n"
         "Per variant and training-set size (images per class), the final-epoch validation accuracy of "
         "each learning rate over seeds; the selected one has the best mean (on a tie, the smallest "
@@ -490,6 +576,75 @@ def plot_confusion_matrices(metrics_list: list[dict], out: Path) -> None:
     _save(fig, out)
 
 
+def data_efficiency_figure(runs: pd.DataFrame):
+    """Test accuracy against training images per class (log x; ``all`` at the whole split's count per
+    class), one line per variant at its selected learning rates: the mean over seeds, and a band from
+    the lowest to the highest seed where there are several. ``runs``: summary.csv's rows."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ticks = {}
+    for variant, group in runs.groupby("variant", sort=True):
+        per_size = sorted(group.groupby("train_size"), key=lambda item: size_order(item[0]))
+        x = np.array([sizes["images_per_class"].mean() for _, sizes in per_size])
+        accuracy = [sizes["test_accuracy"].to_numpy(dtype=float) for _, sizes in per_size]
+        seeds = sorted({len(values) for values in accuracy})
+        line, = ax.plot(x, [values.mean() for values in accuracy], marker="o",
+                        label=f"{variant} ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})")
+        if max(seeds) > 1:
+            ax.fill_between(x, [values.min() for values in accuracy], [values.max() for values in accuracy],
+                            color=line.get_color(), alpha=0.15)
+        for (size, _), count in zip(per_size, x):
+            ticks[count] = size if size != "all" else f"all ({count:g})"
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [ticks[count] for count in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy against training-set size (selected learning rate; band: min to max over seeds)",
+                 fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def pretraining_gain_figure(differences: pd.DataFrame):
+    """Per framework and model (a panel each), ``pretrained - scratch`` and ``frozen - scratch`` test
+    accuracy per training-set size: the mean paired difference with its 95% t-interval as error bars
+    (none with a single seed). ``differences``: paired_differences.csv's rows."""
+    plt = _pyplot()
+    gains = pretraining_gains(differences)
+    panels = list(dict.fromkeys(zip(gains["framework"], gains["model"])))
+    columns = max(1, min(3, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no pretrained or frozen variant beside its scratch one", ha="center", va="center")
+    sizes = sorted(set(gains["train_size"]), key=size_order)
+    for ax, (framework, model) in zip(axes.flat, panels):
+        for offset, init in zip((-0.06, 0.06), GAIN_INITS):
+            part = gains[(gains.framework == framework) & (gains.model == model) & (gains.init == init)]
+            part = part.iloc[sorted(range(len(part)), key=lambda i: size_order(part["train_size"].iloc[i]))]
+            if part.empty:
+                continue
+            mean = part["test_accuracy_diff_mean"].to_numpy(dtype=float)
+            errors = [mean - part["test_accuracy_diff_ci_low"].to_numpy(dtype=float),
+                      part["test_accuracy_diff_ci_high"].to_numpy(dtype=float) - mean]
+            ax.errorbar([sizes.index(size) + offset for size in part["train_size"]], mean, yerr=errors, marker="o",
+                        capsize=3, label=f"{init} - scratch")
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_xlabel("training images per class")
+        ax.set_title(f"{framework} {model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0, 0].set_ylabel("test accuracy difference [95% CI]")
+    fig.tight_layout()
+    return fig
+
+
 def write_report(metrics_list: list[dict], out_dir: Path, expected: list[str] | None = None,
                  target_val_accuracy: float | None = None) -> pd.DataFrame:
     """Every output; ``expected`` names the runs (``config.run_name``) the summary should hold."""
@@ -512,6 +667,9 @@ def write_report(metrics_list: list[dict], out_dir: Path, expected: list[str] | 
     plot_learning_curves(selected_metrics, out_dir / "learning_curves.png")
     plot_per_class_accuracy(selected_metrics, out_dir / "per_class_accuracy.png")
     plot_confusion_matrices(selected_metrics, out_dir / "confusion_matrices.png")
+    _save(data_efficiency_figure(runs), out_dir / "data_efficiency.png")
+    _save(pretraining_gain_figure(differences), out_dir / "pretraining_gain.png")
+    write_text_atomic(out_dir / "conclusions.md", "# Conclusions\n\n" + conclusions(differences))
     return runs
 
 

@@ -11,7 +11,7 @@ from cnnbench.config import (  # noqa: E402
     parse_size, parse_variant, run_hparams, run_name,
 )
 from cnnbench.gpu_slot import export_pool  # noqa: E402
-from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts  # noqa: E402
+from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, conclusions_text  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, offline_files, offline_table, published_files, RELEASES, weights_path  # noqa: E402
 
 

@@ -19,6 +19,13 @@ rule summarize:
         lr_selection=report(
             "results/lr_selection.csv", caption="../report/lr_selection.rst", category="Tables"
         ),
+        data_efficiency=report(
+            "results/data_efficiency.png", caption="../report/data_efficiency.rst", category="Plots"
+        ),
+        pretraining_gain=report(
+            "results/pretraining_gain.png", caption="../report/pretraining_gain.rst", category="Plots"
+        ),
+        conclusions=report("results/conclusions.md", caption="../report/conclusions.rst", category="Conclusions"),
     params:
         out_dir=lambda w, output: os.path.dirname(output.runs),
         expected=expected_runs(),
@@ -28,6 +35,7 @@ rule summarize:
         # report's config. A param computed from `output` is no rerun trigger (Snakemake skips
         # params derived from input/output files).
         facts=lambda w, output: caption_facts(output.facts, expected_runs()),
+        conclusions=lambda w, output: conclusions_text(output.conclusions),
     log:
         "results/logs/summarize.log",
     container:
