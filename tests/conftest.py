@@ -127,10 +127,20 @@ def linked_checkout(directory: Path) -> Path:
     return directory
 
 
+# What `make test` exports to the tests; a `make` they start would take it as a sub-make's (say
+# "make[1]: Entering directory" and pass -n through), unlike the same command typed by a user.
+MAKE_VARIABLES = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+
+
+def outside_make() -> dict:
+    """This process's environment without what `make test` put there for sub-makes."""
+    return {name: value for name, value in os.environ.items() if name not in MAKE_VARIABLES}
+
+
 def run_in_checkout(checkout: Path, command: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``command`` through bash in ``checkout``, with the venv's tools first on PATH (as after
     `source .venv/bin/activate`)."""
-    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**outside_make(), "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(["bash", "-c", command], cwd=checkout, capture_output=True, text=True, env=env,
                           timeout=timeout)
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, require_tool
+from conftest import REPO, outside_make, require_tool
 
 
 def test_make_says_to_install_python3_venv_where_python_cannot_create_one(tmp_path):
@@ -30,7 +30,8 @@ def make_dry_run(directory, *args) -> list[str]:
     require_tool("make")
     for name in ("Makefile", "requirements.txt", "requirements-gpu.txt"):
         shutil.copy(REPO / name, directory / name)
-    result = subprocess.run(["make", "-n", *args], cwd=directory, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["make", "-n", *args], cwd=directory, capture_output=True, text=True, timeout=60,
+                            env=outside_make())
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
