@@ -9,6 +9,7 @@ CORES ?= all
 # Test processes (pytest-xdist): most tests wait on process starts and imports, so two overlap well
 # on two cores. --dist loadfile keeps each test module on one worker, so a module fixture (a whole
 # workflow run) is set up once; the workers share one `make demo` (tests/conftest.py demo_checkout).
+# --no-loadscope-reorder: modules go out in collection order, the longest first (conftest.LONGEST_FIRST).
 TEST_WORKERS ?= 2
 
 CONTAINER_BUILD_ARGS ?=
@@ -45,7 +46,7 @@ demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --configfile config/demo.yaml --cores $(CORES)
 
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -raP --durations=30 tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -raP --durations=30 tests
 
 lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint

@@ -176,3 +176,15 @@ def run_demo(directory: Path) -> tuple[Path, str]:
     result = run_in_checkout(checkout, "make demo", timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return checkout, result.stdout + result.stderr
+
+
+# With `--dist loadfile` (make test) a worker takes a whole module at a time, in collection order
+# (`--no-loadscope-reorder`). The longest modules go first, so that they start at once instead of
+# leaving one worker busy long after the other is done (the real-data test alone takes ~20 min on
+# 2 cores; CI measured a worker idle for 23 min when it ran last).
+LONGEST_FIRST = ("test_real_data.py", "test_full_grid.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
