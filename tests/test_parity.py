@@ -16,6 +16,21 @@ MAX_ABS_DIFF = 1e-4
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+def assert_same_logits(directory, label: str) -> None:
+    """torch.npy and keras.npy in ``directory``: four images' 1000-class logits, the same within MAX_ABS_DIFF.
+    Stand-in weights give logits of ~0.03, so a fixed floor guards nothing: the difference is also weighed
+    against the logits' own spread, overall and across the images (the input must reach the logits)."""
+    torch_logits, keras_logits = np.load(directory / "torch.npy"), np.load(directory / "keras.npy")
+    assert torch_logits.shape == keras_logits.shape == (4, 1000)
+    difference = np.abs(torch_logits - keras_logits).max()
+    spread, across_images = torch_logits.std(), torch_logits.std(axis=0).mean()
+    print(f"{label}: max |logit difference| {difference:.2e}, logits' std {spread:.2e}, "
+          f"mean std across images {across_images:.2e}")
+    assert difference < MAX_ABS_DIFF
+    assert difference < 1e-3 * spread
+    assert difference < 1e-3 * across_images
+
+
 @pytest.mark.parametrize("model, image_size, preprocessing", [
     ("alexnet", 224, "imagenet"), ("alexnet", 96, "imagenet"), ("vgg16", 224, "imagenet"), ("vgg16", 64, "imagenet"),
     ("vgg16", 64, "caffe"),
@@ -48,17 +63,7 @@ logits = model.predict(np.load({str(tmp_path / "images.npy")!r}), verbose=0)
 np.save({str(tmp_path / "keras.npy")!r}, logits)
 print(json.dumps({{}}))
 """)
-    torch_logits, keras_logits = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "keras.npy")
-    assert torch_logits.shape == keras_logits.shape == (4, 1000)
-    difference = np.abs(torch_logits - keras_logits).max()
-    # Stand-in weights give logits of ~0.03, so a fixed floor guards nothing: the difference is weighed
-    # against the logits' own spread, overall and across the images (the input must reach the logits).
-    spread, across_images = torch_logits.std(), torch_logits.std(axis=0).mean()
-    print(f"{model} at {image_size}, {preprocessing}: max |logit difference| {difference:.2e}, "
-          f"logits' std {spread:.2e}, mean std across images {across_images:.2e}")
-    assert difference < MAX_ABS_DIFF
-    assert difference < 1e-3 * spread
-    assert difference < 1e-3 * across_images
+    assert_same_logits(tmp_path, f"{model} at {image_size}, {preprocessing}")
 
 
 def test_port_rejects_a_foreign_state_dict(tmp_path):
@@ -132,14 +137,7 @@ model = build_model("resnet50", 1000, {image_size}, {MEAN}, {STD}, weights={str(
 np.save({str(tmp_path / "keras.npy")!r}, model.predict(np.load({str(tmp_path / "images.npy")!r}), verbose=0))
 print(json.dumps(None))
 """)
-    torch_logits, keras_logits = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "keras.npy")
-    assert torch_logits.shape == keras_logits.shape == (4, 1000)
-    difference = np.abs(torch_logits - keras_logits).max()
-    spread, across_images = torch_logits.std(), torch_logits.std(axis=0).mean()
-    print(f"resnet50 at {image_size}: max |logit difference| {difference:.2e}, logits' std {spread:.2e}, "
-          f"mean std across images {across_images:.2e}")
-    assert difference < MAX_ABS_DIFF
-    assert difference < 1e-3 * spread and difference < 1e-3 * across_images
+    assert_same_logits(tmp_path, f"resnet50 at {image_size}")
 
 
 # One SGD step (momentum, weight decay) in train mode, BatchNorm on the batch's statistics, from the
