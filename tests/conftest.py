@@ -81,16 +81,44 @@ def removed_unless_failed(request, path: Path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_dir(results: Path, variant: str, seed: int = 0, train_size: int | None = None, lr: float | None = None) -> Path:
-    """A run's directory under ``results`` (``cnnbench.config.run_name``); ``lr`` defaults to the
-    variant's in config/config.yaml (the demo and full configs keep it)."""
+def layered_config(*overlays: dict) -> dict:
+    """config/config.yaml with ``overlays`` merged over it in order, as Snakemake merges config files."""
     import yaml
 
+    def merge(base: dict, overlay: dict) -> dict:
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+                else value
+        return merged
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for overlay in overlays:
+        config = merge(config, overlay)
+    return config
+
+
+def demo_config() -> dict:
+    """What `snakemake --configfile config/demo.yaml` runs with."""
+    import yaml
+
+    return layered_config(yaml.safe_load((REPO / "config" / "demo.yaml").read_text()))
+
+
+def run_dir(results: Path, variant: str, seed: int = 0, train_size: int | None = None, lr: float | None = None,
+            config: dict | None = None) -> Path:
+    """A run's directory under ``results`` (``cnnbench.config.run_name``); ``lr`` defaults to the
+    variant's in ``config`` (default: the demo's, which the tests' overlays of it keep)."""
     from cnnbench.config import resolve_hparams, run_name
 
     if lr is None:
-        lr = resolve_hparams(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), variant)["lr"]
+        lr = resolve_hparams(config or demo_config(), variant)["lr"]
     return results / "runs" / run_name(variant, train_size, lr, seed)
+
+
+# An overlay of config/demo.yaml for tests that run its scratch variants but need no learning: without
+# the demo's 100-step budget they train the epochs the test sets (seconds, not minutes).
+NO_DEMO_MIN_STEPS = "init_overrides:\n  scratch:\n    min_steps: null\n"
 
 
 DEFAULT_HPARAMS = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from conftest import REPO
+from conftest import REPO, demo_config
 from cnnbench.config import (VALID_VARIANTS, ConfigError, check_known_keys, coerce_command_line, parse_variant,
                               resolve_hparams)
 
@@ -51,19 +50,16 @@ def test_schema_fills_every_default():
 
 
 def test_demo_overlay():
-    config = load("config.yaml")
-    demo = load("demo.yaml")
-    # Snakemake merges --configfile over the default config the same way (nested update).
-    merged = copy.deepcopy(config)
-    for key, value in demo.items():
-        if isinstance(value, dict):
-            merged.setdefault(key, {}).update(value)
-        else:
-            merged[key] = value
+    merged = demo_config()  # config.yaml with demo.yaml over it, nested, as Snakemake merges them
     validate(merged, SCHEMA)
     assert merged["data"]["source"] == "synthetic" and merged["weights"] == "standin"
     assert merged["train"]["epochs"] == 2 and merged["train"]["image_size"] == 64
     assert merged["train"]["require_gpu"] is False  # the demo trains wherever it runs
+    # Scratch variants get the steps they need to learn; the other inits keep config.yaml's rates.
+    assert resolve_hparams(merged, "torch-alexnet-scratch")["min_steps"] == 100
+    assert resolve_hparams(merged, "keras-alexnet-scratch")["lr"] == 0.02
+    assert resolve_hparams(merged, "torch-alexnet-pretrained")["lr"] == 0.001
+    assert resolve_hparams(merged, "keras-vgg16-pretrained")["min_steps"] is None
 
 
 def test_require_gpu_is_auto_by_default():

@@ -17,6 +17,7 @@ OVERLAY = {
     "variants": ["torch-alexnet-scratch", "keras-alexnet-scratch"],
     "data": {"synthetic": {"train_per_class": 6, "test_per_class": 3}, "val_size": 20},
     "train": {"epochs": 1, "lr_schedule": "cosine", "nesterov": True, "batch_size": 16},
+    "init_overrides": {"scratch": {"min_steps": None}},  # one epoch, not make demo's 100 steps
     "variant_overrides": {"torch-alexnet-scratch": {"compile": "on"}},
     "keras_backend": "jax",
 }

@@ -19,7 +19,7 @@ import pytest
 
 from cnnbench.data import load_prepared
 from cnnbench.metrics import load_metrics
-from conftest import REPO, removed_unless_failed, require_tool, run_dir, skip_or_fail
+from conftest import NO_DEMO_MIN_STEPS, REPO, removed_unless_failed, require_tool, run_dir, skip_or_fail
 from test_workflow import PARAMETERS
 
 IMAGES = {"torch": REPO / "containers" / "torch.sif", "keras": REPO / "containers" / "tensorflow.sif"}
@@ -29,9 +29,13 @@ MODEL_FILE = {"torch": "model.pt", "keras": "model.keras"}
 
 
 def snakemake(workdir: Path, *args, env: dict | None = None, timeout: float = 2400):
+    # The demo as the README runs it, but its scratch variants train 2 epochs, not make demo's 100 steps
+    # (tests/test_workflow.py checks that they learn; here the images are what is under test).
+    overlay = workdir / "no-demo-min-steps.yaml"
+    overlay.write_text(NO_DEMO_MIN_STEPS)
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(REPO / "config" / "demo.yaml"), *args],
+         "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay), *args],
         capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     return result.returncode, result.stdout + result.stderr
 

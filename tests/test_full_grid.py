@@ -14,7 +14,7 @@ from cnnbench.config import VALID_VARIANTS, parse_variant
 from cnnbench.fileio import file_digest
 from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
-from conftest import REPO, removed_unless_failed, run_dir, run_python
+from conftest import NO_DEMO_MIN_STEPS, REPO, removed_unless_failed, run_dir, run_python
 from test_gpu_slots import overlap
 from test_report import assert_statistics_recomputed
 from test_trainers import MODEL_SUFFIX, is_backbone_layer, unchanged_layers
@@ -26,7 +26,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # on 10 images per class, two of its three seeds, so that 36 trainings (12 VGG16, 12 ResNet-50) fit in
 # CI's time on 2 cores. A two-GPU stand-in pool (`gpus: [0, 1]`): each training records the GPU slot
 # it was given.
-CI_CUT = "seeds: [0, 1]\ndata:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\ngpus: [0, 1]\n"
+CI_CUT = ("seeds: [0, 1]\ndata:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\ngpus: [0, 1]\n"
+          + NO_DEMO_MIN_STEPS)
 # Two one-thread trainings at a time (`--resources gpu=2` on 2 cores: each training gets 2 // 2
 # threads), so that one's process start (imports, model build) overlaps the other's compute. With
 # both cuts the grid took 414 s on 2 cores, against 659 s with 20 images per class and one

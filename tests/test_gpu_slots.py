@@ -19,7 +19,7 @@ import pytest
 from cnnbench.gpu_slot import POOL_ENV, export_pool, resolve_pool, slot_file
 from cnnbench.metrics import load_metrics
 from cnnbench.training import environment
-from conftest import REPO, package_env
+from conftest import NO_DEMO_MIN_STEPS, REPO, package_env, run_dir
 from test_reliability import process_state, stop, wait_for_file
 
 
@@ -206,11 +206,11 @@ def test_trainings_share_the_cores_and_start_through_the_launcher(tmp_path):
 
 
 # ------------------------------------------------------- a killed training frees its slot
-RUNS = [f"results/runs/torch-alexnet-scratch/nall-lr0.01/seed{seed}" for seed in (0, 1)]  # config.run_name
+RUNS = [str(run_dir(Path("results"), "torch-alexnet-scratch", seed)) for seed in (0, 1)]
 # Two cheap trainings on the demo's data, cut down, on a one-GPU stand-in pool; `gpu=2` lets Snakemake
 # start both at once, so the second waits for the slot the first holds.
 ONE_SLOT = ("variants: [torch-alexnet-scratch]\nseeds: [0, 1]\ngpus: [0]\n"
-            "data:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\n")
+            "data:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\n" + NO_DEMO_MIN_STEPS)
 
 
 def test_killed_trainings_slot_goes_to_the_next_job(tmp_path):

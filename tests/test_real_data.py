@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cnnbench.metrics import load_metrics
-from conftest import run_dir, skip_or_fail
+from conftest import layered_config, run_dir, skip_or_fail
 from test_workflow import snakemake
 
 # Seen here (2 cores, 64x64, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 64, 10,000 train
@@ -43,7 +43,7 @@ def test_alexnet_from_scratch_learns_real_cifar10(tmp_path):
     configfile.write_text(yaml.safe_dump(config))
     snakemake(tmp_path, configfile=configfile)
     for variant in REAL_DATA_CONFIG["variants"]:
-        metrics = load_metrics(run_dir(tmp_path / "results", variant) / "metrics.json")
+        metrics = load_metrics(run_dir(tmp_path / "results", variant, config=layered_config(config)) / "metrics.json")
         assert metrics["data"]["source"] == "imagefolder" and metrics["data"]["train_size"] == 10000
         print(f"{variant}: test accuracy {metrics['test']['accuracy']:.3f} "
               f"after {len(metrics['history'])} epochs, {metrics['train_seconds']:.0f} s")

@@ -208,4 +208,4 @@ def test_a_run_path_outside_the_config_says_which_runs_it_has(tmp_path):
          "--cores", "1", "-n", target], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert ("results/runs/torch-alexnet-scratch/n10-lr0.05 is not a run of this config: its sizes are n10, n20 "
-            "(train_sizes) and torch-alexnet-scratch's learning rates lr0.01") in result.stdout + result.stderr
+            "(train_sizes) and torch-alexnet-scratch's learning rates lr0.02") in result.stdout + result.stderr

@@ -149,6 +149,7 @@ def _slurm_run(workdir: Path):
     config["data"]["val_size"] = 20
     config["data"]["synthetic"].update(train_per_class=10, test_per_class=5)
     config["train"]["epochs"] = 1
+    config["init_overrides"]["scratch"]["min_steps"] = None  # not make demo's 100 steps: no learning needed
     # Two epochs for the variant the cancel test interrupts after its first checkpoint.
     config["variant_overrides"] = {CANCELLED_VARIANT: {"epochs": 2}}
     (workdir / "slurm-test.yaml").write_text(yaml.safe_dump(config))
