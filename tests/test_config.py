@@ -148,10 +148,11 @@ def test_every_shipped_config_has_only_known_keys():
 
 
 def test_config_forms_the_readme_documents(tmp_path):
-    code, output = dry_run("seeds=[0,1]", "weights=standin", "train={epochs: 3, lr: 0.05, compile: on}",
+    # (momentum, not the README's lr: the demo's init_overrides set every demo variant's lr)
+    code, output = dry_run("seeds=[0,1]", "weights=standin", "train={epochs: 3, momentum: 0.8, compile: on}",
                            "data={val_size: 50}", directory=tmp_path)
     assert code == 0, output[-3000:]
-    assert '"epochs": 3,' in output and '"lr": 0.05,' in output  # typed, not strings
+    assert '"epochs": 3,' in output and '"momentum": 0.8,' in output  # typed, not strings
     assert '"compile": "on"' in output  # a string where the schema wants one
     assert '"val_size": 50' in output and '"source": "synthetic"' in output  # merged into demo's `data`
     assert "--variant torch-alexnet-scratch --seed 1" in output
