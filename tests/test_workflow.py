@@ -86,10 +86,10 @@ def test_demo_scratch_variants_learn(demo_run):
 
 
 def private_copy(checkout: Path, directory: Path) -> Path:
-    """The demo's results and Snakemake's records of them, copied (timestamps kept) into a linked
-    checkout of this test's own: the shared demo stays as `make demo` left it for the other tests."""
+    """The demo's results, its stand-in weights and Snakemake's records of them, copied (timestamps
+    kept) into a linked checkout of this test's own: the shared demo stays as `make demo` left it."""
     copy = linked_checkout(directory)
-    for name in ("results", ".snakemake"):
+    for name in ("results", ".snakemake", "resources"):  # resources/: the demo's stand-in weights
         subprocess.run(["cp", "-a", "--reflink=auto", str(checkout / name), str(copy / name)], check=True,
                        timeout=600)
     shutil.rmtree(copy / ".snakemake" / "locks", ignore_errors=True)
