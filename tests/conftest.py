@@ -82,19 +82,15 @@ def removed_unless_failed(request, path: Path):
 
 
 def layered_config(*overlays: dict) -> dict:
-    """config/config.yaml with ``overlays`` merged over it in order, as Snakemake merges config files."""
-    import yaml
+    """config/config.yaml with ``overlays`` merged over it in order, by Snakemake's own merge."""
+    import copy
 
-    def merge(base: dict, overlay: dict) -> dict:
-        merged = dict(base)
-        for key, value in overlay.items():
-            merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-                else value
-        return merged
+    import yaml
+    from snakemake.utils import update_config
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     for overlay in overlays:
-        config = merge(config, overlay)
+        update_config(config, copy.deepcopy(overlay))  # in place; the copy keeps the caller's overlay apart
     return config
 
 

@@ -10,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cnnbench.config import resolve_hparams
 from cnnbench.data import load_prepared
 from cnnbench.metrics import load_metrics
-from conftest import REPO
+from cnnbench.training import training_budget
+from conftest import REPO, demo_config
 from conftest import run_dir as workflow_run_dir
 from test_reliability import comparable, start_paused, stop
 
 VARIANT = "torch-alexnet-scratch"
-DEMO_BATCH_SIZE = 64  # config/config.yaml's, which the demo keeps (its scratch variants train 100 such steps)
 
 
 def snakemake_command(workdir: Path, target: str) -> list[str]:
@@ -34,8 +35,8 @@ def test_trainer_killed_in_a_workflow_run_resumes_on_the_same_command(demo_check
     prepared = subprocess.run(snakemake_command(tmp_path, "results/data/dataset.npz"), capture_output=True,
                               text=True, env=env, timeout=600)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
-    steps_per_epoch = -(-len(load_prepared(tmp_path / "results" / "data" / "dataset.npz")["y_train"])
-                        // DEMO_BATCH_SIZE)
+    num_train = len(load_prepared(tmp_path / "results" / "data" / "dataset.npz")["y_train"])
+    steps_per_epoch = training_budget(resolve_hparams(demo_config(), VARIANT), num_train)[1]
     step = steps_per_epoch + 3
     snakemake = start_paused(snakemake_command(tmp_path, target), run_dir, step, tmp_path / "killed-run.log", env=env)
     try:

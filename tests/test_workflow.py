@@ -12,8 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cnnbench.config import resolve_hparams
 from cnnbench.metrics import load_metrics
-from conftest import REPO, linked_checkout, removed_unless_failed, run_dir
+from cnnbench.training import training_budget
+from conftest import REPO, demo_config, linked_checkout, removed_unless_failed, run_dir
 
 DEMO_VARIANTS = ["torch-alexnet-scratch", "keras-alexnet-scratch", "torch-alexnet-pretrained",
                  "keras-vgg16-pretrained"]
@@ -43,10 +45,9 @@ def demo_run(demo_checkout):
     return demo_checkout
 
 
-def demo_epochs(metrics: dict) -> int:
-    """The demo's epochs: 2, and for scratch variants the 100 steps of config/demo.yaml (min_steps)."""
-    steps_per_epoch = -(-metrics["data"]["train_size"] // metrics["config"]["batch_size"])
-    return max(2, -(-100 // steps_per_epoch)) if metrics["init"] == "scratch" else 2
+def demo_epochs(variant: str, train_size: int) -> int:
+    """The epochs config/demo.yaml gives a variant: 2, or more where its min_steps asks (scratch)."""
+    return training_budget(resolve_hparams(demo_config(), variant), train_size)[0]
 
 
 def test_demo_produces_every_output(demo_run):
@@ -55,7 +56,7 @@ def test_demo_produces_every_output(demo_run):
     for variant in DEMO_VARIANTS:
         run = run_dir(results, variant)
         metrics = load_metrics(run / "metrics.json")  # validates against the schema
-        epochs = demo_epochs(metrics)
+        epochs = demo_epochs(variant, metrics["data"]["train_size"])
         assert metrics["variant"] == variant and len(metrics["history"]) == epochs
         assert metrics["config"]["image_size"] == 64 and metrics["data"]["source"] == "synthetic"
         expected_weights = "standin" if variant.endswith("pretrained") else "none"
