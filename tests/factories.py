@@ -41,6 +41,7 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
                  "per_class_accuracy": {name: matrix[i][i] / 10 for i, name in enumerate(CLASS_NAMES)},
                  "confusion_matrix": matrix},
         "train_seconds": train_seconds_per_epoch * len(history),
+        "compile_seconds": 1.0,
         "energy": ({"joules": None, "method": None, "sample_hz": None, "gpus": []}
                    if energy_joules_per_epoch is None else
                    {"joules": energy_joules_per_epoch * len(history), "method": "energy_counter", "sample_hz": None,
@@ -48,7 +49,8 @@ def make_metrics(variant: str, seed: int = 0, val_accuracies=(0.3, 0.5), test_ac
         "environment": {"device": "cpu", "device_name": "cpu", "framework_version": "test",
                         "python_version": "3.11", "hostname": "test", "container": None,
                         "cuda_visible_devices": None, "started_at": "2026-12-01T10:00:00.000001+01:00",
-                        "finished_at": "2026-12-01T10:05:00+01:00"},
+                        "finished_at": "2026-12-01T10:05:00+01:00", "precision": "fp32",
+                        "precision_settings": {}, "compiled": False},
     }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gpu, training
+from . import gpu, precision, training
 from .config import freezes_backbone
 from .energy import EnergyMeter
 from .fileio import atomic_path, write_json_atomic
@@ -230,7 +230,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
 
     devices = gpu_devices(backend)
     gpu.check_gpu(hp["require_gpu"], bool(devices), framework_build(keras, backend))
-    if devices and hp["precision"] == "bf16":
+    ran_precision, precision_settings = precision.apply(backend, hp["precision"], bool(devices))
+    if ran_precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     data = training.load_data(args)
     class_names = data["class_names"]
@@ -284,10 +285,11 @@ def run(args: training.RunArgs, backend: str) -> dict:
     env = training.environment("gpu" if devices else "cpu", gpu_name(backend, devices) if devices else "cpu",
                                f"keras {keras.__version__}, {backend} {backend_version(backend)}",
                                args.container, args.started_at, keras_backend=backend, gpu=gpu_environment(backend, devices),
-                               cuda_build=cuda_build(backend)[0])
+                               cuda_build=cuda_build(backend)[0], precision=ran_precision,
+                               precision_settings=precision_settings, compiled=hp["compile"] != "off")
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
-                                     env, meter.summary(history))
+                                     env, meter.summary(history), compile_seconds=0.0)
     training.finish(args, metrics, stop)
     return metrics
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import gpu, training
+from . import gpu, precision, training
 from .energy import EnergyMeter
 from .fileio import atomic_path
 from .config import freezes_backbone
@@ -157,6 +157,7 @@ def run(args: training.RunArgs) -> dict:
     device = select_device(hp["require_gpu"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    ran_precision, precision_settings = precision.apply("torch", hp["precision"], device.type == "cuda")
     data = training.load_data(args)
     class_names = data["class_names"]
 
@@ -214,10 +215,10 @@ def run(args: training.RunArgs) -> dict:
     env = training.environment(
         device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch.__version__, args.container, args.started_at, compiled=compiled, gpu=gpu_environment(device),
-        cuda_build=torch.version.cuda)
+        cuda_build=torch.version.cuda, precision=ran_precision, precision_settings=precision_settings)
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
-                                     env, meter.summary(history))
+                                     env, meter.summary(history), compile_seconds=0.0)
     training.finish(args, metrics, stop)
     return metrics
 

@@ -226,11 +226,12 @@ class StopRequested:
             if os.getppid() != parent:
                 self.request(f"the process that started this trainer (pid {parent}) is gone")
 
-    def after_step(self) -> bool:
-        """Count a training step; True when the loop should stop now."""
-        self.steps += 1
-        if self.steps == self.pause_at_step:
-            write_text_atomic(self.run_dir / f"paused-at-step-{self.steps}", f"{os.getpid()}\n")
+    def after_step(self, steps: int = 1) -> bool:
+        """Count ``steps`` training steps (a compiled loop reports several at once); True when the loop
+        should stop now. The test pause happens at the first report at or past ``pause_at_step``."""
+        before, self.steps = self.steps, self.steps + steps
+        if before < self.pause_at_step <= self.steps:
+            write_text_atomic(self.run_dir / f"paused-at-step-{self.pause_at_step}", f"{os.getpid()}\n")
             while not self.requested:
                 time.sleep(0.05)
         return self.requested
@@ -279,7 +280,8 @@ def environment(device: str, device_name: str, framework_version: str, container
     }
 
 
-def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, env: dict, energy: dict) -> dict:
+def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, env: dict, energy: dict,
+                  compile_seconds: float) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "variant": args.variant,
@@ -302,6 +304,7 @@ def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, en
         "history": history,
         "test": test,
         "train_seconds": float(sum(epoch["seconds"] for epoch in history)),
+        "compile_seconds": float(compile_seconds),
         "energy": energy,
         "environment": env,
     }
