@@ -16,11 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from cnnbench.gpu_slot import POOL_ENV, export_pool, resolve_pool, slot_file
+from cnnbench.gpu_slot import EXCLUSIVE_ENV, POOL_ENV, apply_gpu_defaults, export_pool, resolve_pool, slot_file
 from cnnbench.metrics import load_metrics
 from cnnbench.training import environment
 from conftest import NO_DEMO_MIN_STEPS, REPO, package_env, run_dir
 from test_reliability import process_state, stop, wait_for_file
+from test_trainers import train
+
+# What decides how a training uses its GPU's memory and how CUDA numbers GPUs.
+GPU_ENV = (EXCLUSIVE_ENV, "TF_FORCE_GPU_ALLOW_GROWTH", "XLA_PYTHON_CLIENT_PREALLOCATE", "CUDA_DEVICE_ORDER")
+SHARED = {EXCLUSIVE_ENV: None, "TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+          "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+EXCLUSIVE = {EXCLUSIVE_ENV: "1", "TF_FORCE_GPU_ALLOW_GROWTH": None, "XLA_PYTHON_CLIENT_PREALLOCATE": None,
+             "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def fake_nvidia_smi(directory: Path, indices: str) -> Path:
@@ -69,9 +77,9 @@ def test_exported_pool_reaches_containers_even_with_cleanenv():
 
 
 # ------------------------------------------------------------------------ the launcher
-# What the launched command reports: its pid, its CUDA_VISIBLE_DEVICES and whether slot 0 is locked
-# (by itself: the launcher's locked file is inherited across the exec).
-REPORT = """
+# What the launched command reports: its pid, its CUDA_VISIBLE_DEVICES, which slots are locked (by
+# itself: the launcher's locked file is inherited across the exec) and its GPU_ENV.
+REPORT = f"""
 import fcntl, json, os, sys
 slots = sys.argv[1]
 held = []
@@ -81,15 +89,16 @@ for name in sorted(os.listdir(slots)):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             held.append(name)
-print(json.dumps({"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                  "held": held}))
+print(json.dumps({{"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                  "held": held, "gpu_env": {{name: os.environ.get(name) for name in {GPU_ENV!r}}}}}))
 """
 
 
 def launch(slots: Path, *options, env: dict | None = None, **popen):
     command = [sys.executable, "-m", "cnnbench.gpu_slot", "--slots-dir", str(slots), *options, "--",
                sys.executable, "-c", REPORT, str(slots)]
-    inherited = {k: v for k, v in package_env().items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", POOL_ENV)}
+    unset = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", POOL_ENV, *GPU_ENV)
+    inherited = {k: v for k, v in package_env().items() if k not in unset}
     return subprocess.Popen(command, env={**inherited, **(env or {})}, text=True, **popen)
 
 
@@ -109,6 +118,7 @@ def test_launcher_gives_the_first_free_gpu_and_the_command_holds_it(tmp_path):
         fcntl.flock(busy, fcntl.LOCK_EX)
         report = launched(slots, "--pool", "0,1")
     assert report["cuda_visible_devices"] == "1" and report["held"] == ["gpu-0.lock", "gpu-1.lock"]
+    assert report["gpu_env"] == EXCLUSIVE  # its GPU to itself: TensorFlow and JAX keep their defaults
     assert launched(slots, "--pool", "0,1")["held"] == ["gpu-0.lock"]  # both freed once their holders ended
 
 
@@ -120,10 +130,80 @@ def test_launcher_reads_the_pool_the_workflow_exports(tmp_path):
 def test_launcher_keeps_slurms_choice(tmp_path):
     report = launched(tmp_path, "--pool", "0,1", env={"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "3"})
     assert report["cuda_visible_devices"] == "3" and report["held"] == []
+    assert report["gpu_env"] == SHARED  # two trainings of a SLURM job may share one of its GPUs
 
 
-def test_launcher_without_a_pool_sets_nothing(tmp_path):
-    assert launched(tmp_path, "--pool", "")["cuda_visible_devices"] is None
+def test_launcher_without_a_pool_gives_no_gpu_and_lets_trainings_share_one(tmp_path):
+    report = launched(tmp_path, "--pool", "")
+    assert report["cuda_visible_devices"] is None and report["gpu_env"] == SHARED
+
+
+def test_launcher_keeps_the_users_gpu_settings(tmp_path):
+    users = {"TF_FORCE_GPU_ALLOW_GROWTH": "false", "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+             "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    assert launched(tmp_path, "--pool", "", env=users)["gpu_env"] == {EXCLUSIVE_ENV: None, **users}
+    # and a training the user says has its GPU to itself keeps the frameworks' defaults
+    assert launched(tmp_path, "--pool", "", env={EXCLUSIVE_ENV: "1"})["gpu_env"] == EXCLUSIVE
+
+
+def test_gpu_defaults_set_only_what_is_unset_and_say_so(capsys):
+    environ = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+    assert apply_gpu_defaults(environ) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    assert environ == {"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                       "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    assert capsys.readouterr().err == (
+        "GPU environment: CUDA_DEVICE_ORDER=PCI_BUS_ID TF_FORCE_GPU_ALLOW_GROWTH=true (CNNBENCH_GPU_EXCLUSIVE is "
+        "not 1: other trainings may share the GPU, TensorFlow and JAX take memory as needed)\n")
+    assert apply_gpu_defaults(environ) == {} and capsys.readouterr().err == ""  # again: all set, nothing said
+    exclusive = {EXCLUSIVE_ENV: "1"}
+    assert apply_gpu_defaults(exclusive) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert exclusive == {EXCLUSIVE_ENV: "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert apply_gpu_defaults({EXCLUSIVE_ENV: "0"}) == {name: value for name, value in SHARED.items() if value}
+
+
+# Run before a trainer started by hand (no launcher): the environment the user gave (GIVEN), then a
+# stand-in for the GPU framework's start that reports GPU_ENV as the framework would read it, and
+# stops the run there: TensorFlow's or JAX's import (Keras imports its backend), torch's first CUDA call.
+FRAMEWORK_START = """
+import json, os, sys
+for name in {gpu_env!r}:
+    os.environ.pop(name, None)
+os.environ.update({given!r})
+
+def report_and_stop():
+    print("at the framework's start: " + json.dumps({{name: os.environ.get(name) for name in {gpu_env!r}}}),
+          flush=True)
+    os._exit(3)
+
+if {start!r} == "torch.cuda":
+    import torch
+    torch.cuda.is_available = report_and_stop
+else:
+    class AtImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == {start!r}:
+                report_and_stop()
+    sys.meta_path.insert(0, AtImport())
+"""
+
+
+@pytest.mark.parametrize("framework, start, given, expected", [
+    ("keras", "tensorflow", {}, SHARED),
+    ("keras", "jax", {}, SHARED),
+    ("torch", "torch.cuda", {}, SHARED),
+    ("keras", "tensorflow", {EXCLUSIVE_ENV: "1"}, EXCLUSIVE),
+    ("keras", "jax", {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, {**SHARED, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}),
+])
+def test_a_trainer_started_by_hand_sets_the_gpu_environment_before_its_framework_starts(
+        framework, start, given, expected, tiny_dataset, tmp_path):
+    prelude = FRAMEWORK_START.format(gpu_env=GPU_ENV, given=given, start=start)
+    backend = ("--keras-backend", start) if framework == "keras" else ()
+    result = train(framework, f"{framework}-alexnet-scratch", tiny_dataset, tmp_path, extra=backend, check=False,
+                   prelude=prelude)
+    assert result.returncode == 3, result.stdout + result.stderr
+    reported = [line for line in result.stdout.splitlines() if line.startswith("at the framework's start: ")]
+    assert json.loads(reported[0].partition(": ")[2]) == expected
+    assert "GPU environment: CUDA_DEVICE_ORDER=PCI_BUS_ID" in result.stderr  # the trainer's log says what it set
 
 
 def test_launcher_waits_for_a_taken_slot(tmp_path):

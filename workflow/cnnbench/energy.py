@@ -1,16 +1,23 @@
 """GPU energy of training, read through NVML (the ``pynvml`` module of nvidia-ml-py).
 
 Both trainers wrap each epoch's timed span in ``EnergyMeter.epoch()``; the figure is the board
-energy of the GPUs given to the process (``CUDA_VISIBLE_DEVICES``: indices or UUIDs; all GPUs when
-unset), whatever else runs on them. Two methods, the first that every measured GPU supports:
+energy of the GPU the framework trains on, its device 0, whatever else runs on that board. That
+board is found (``framework_board``) by the device's UUID where the framework gives one (torch:
+``torch.cuda.get_device_properties(0).uuid``), else as CUDA numbers GPUs: the first entry of
+``CUDA_VISIBLE_DEVICES`` (an index, a GPU UUID or a prefix of one), or GPU 0 when it is unset; an
+index means NVML's only when CUDA counts in PCI bus order (``CUDA_DEVICE_ORDER=PCI_BUS_ID``, which
+cnnbench.gpu_slot sets), so with several GPUs and another order nothing is measured. Two methods,
+the first the GPU supports:
 
 - ``energy_counter``: NVML's energy counter (mJ since the driver loaded; Volta and newer), read at
   the start and end of the span: exact, no sampling.
 - ``power_samples``: board power sampled ``SAMPLE_HZ`` times a second in a background thread (plus a
   sample at the span's start and end), integrated with the trapezoid rule.
 
-Without NVML (no pynvml, no driver, no GPU given, a MIG instance, an unsupported board) every figure
-is None and the log says why, once. No framework is imported here.
+Without NVML (no pynvml, no driver, no GPU given, an unsupported board) every figure is None and the
+log says why, once. So under MIG (the device is a MIG instance, or its board is in MIG mode): NVML
+reports energy and power only for the whole board, which other tenants' instances share, and a
+figure for the board would not be this training's. No framework is imported here.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 SAMPLE_HZ = 5.0
 COUNTER, POWER = "energy_counter", "power_samples"
+MIG_ENABLED = 1  # pynvml.NVML_DEVICE_MIG_ENABLE, nvmlDeviceGetMigMode's current mode
+MIG_SHARED = "NVML reports energy and power only for the whole board, which its MIG instances share"
 
 
 class EnergyUnavailable(Exception):
@@ -34,30 +44,91 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def visible_gpus(nvml, visible: str | None) -> list:
-    """NVML handles of the GPUs the process was given, in ``CUDA_VISIBLE_DEVICES``' order.
+def nvml_uuid(value) -> str:
+    """A device UUID as NVML writes it, "GPU-" and 8-4-4-4-12 hex digits; torch's
+    ``get_device_properties(i).uuid`` prints without the prefix."""
+    text = str(value).strip()
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
-    Indices are NVML's (PCI bus order); CUDA's default order is the same on machines whose GPUs are
-    all one model. Like CUDA, the list ends at the first entry that names no GPU.
-    """
+
+def _digits(uuid: str) -> str:
+    """A UUID without its "GPU-"/"MIG-" prefix: CUDA gives a MIG instance's UUID with no prefix of its own."""
+    return uuid.removeprefix("GPU-").removeprefix("MIG-").lower()
+
+
+def board_uuids(nvml) -> list[str]:
+    return [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(nvml.nvmlDeviceGetCount())]
+
+
+def in_mig_mode(nvml, handle) -> bool:
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except nvml.NVMLError:  # NotSupported: a board without MIG
+        return False
+    return current == MIG_ENABLED
+
+
+def mig_uuids(nvml, handle) -> list[str]:
+    """The UUIDs of the MIG instances on a board in MIG mode."""
+    try:
+        slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+    except nvml.NVMLError:
+        return []
+    uuids = []
+    for slot in range(slots):
+        try:
+            uuids.append(_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot))))
+        except nvml.NVMLError:  # NotFound: no instance in this slot
+            continue
+    return uuids
+
+
+def board_by_uuid(nvml, uuid: str) -> int:
+    """The NVML index of the board with this UUID; EnergyUnavailable for a MIG instance's or an unknown one."""
+    boards = board_uuids(nvml)
+    wanted = _digits(uuid)
+    for index, board in enumerate(boards):
+        if _digits(board) == wanted:
+            return index
+    for index, board in enumerate(boards):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        for instance in mig_uuids(nvml, handle) if in_mig_mode(nvml, handle) else []:
+            if _digits(instance) == wanted:
+                raise EnergyUnavailable(f"the framework's GPU is the MIG instance {instance} of {board}: {MIG_SHARED}")
+    raise EnergyUnavailable(f"NVML lists no GPU with the framework's device's UUID {uuid} (it lists {len(boards)})")
+
+
+def board_by_cuda_order(nvml, environ: Mapping[str, str]) -> int:
+    """The NVML index of CUDA's device 0: the first entry of CUDA_VISIBLE_DEVICES, GPU 0 when unset."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    given = f"CUDA_VISIBLE_DEVICES={visible!r}"
+    entry = "0" if visible is None else visible.split(",")[0].strip()
     count = nvml.nvmlDeviceGetCount()
+    if entry.startswith("MIG-"):
+        raise EnergyUnavailable(f"{given} names a MIG instance: {MIG_SHARED}")
+    if entry.startswith("GPU-"):  # a UUID or a unique prefix of one, as CUDA accepts
+        matches = [index for index, uuid in enumerate(board_uuids(nvml)) if uuid.startswith(entry)]
+        if len(matches) == 1:
+            return matches[0]
+    if entry.isdigit() and int(entry) < count:
+        order = environ.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+        if count > 1 and order != "PCI_BUS_ID":
+            raise EnergyUnavailable(f"CUDA_DEVICE_ORDER={order}: CUDA's GPU {entry} need not be NVML's, which "
+                                    "counts in PCI bus order; set CUDA_DEVICE_ORDER=PCI_BUS_ID (or unset it: "
+                                    "the trainers then set it)")
+        return int(entry)
     if visible is None:
-        return [nvml.nvmlDeviceGetHandleByIndex(index) for index in range(count)]
-    uuids = [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(count)]
-    handles = []
-    for entry in (e.strip() for e in visible.split(",") if e.strip()):
-        if entry.isdigit() and int(entry) < count:
-            index = int(entry)
-        elif entry.startswith("MIG-"):
-            raise EnergyUnavailable(f"CUDA_VISIBLE_DEVICES names a MIG instance ({entry}): NVML reports the "
-                                    "energy of whole boards only")
-        else:  # a UUID or a unique prefix of one, as CUDA accepts
-            matches = [i for i, uuid in enumerate(uuids) if entry.startswith("GPU-") and uuid.startswith(entry)]
-            if len(matches) != 1:
-                break
-            index = matches[0]
-        handles.append(nvml.nvmlDeviceGetHandleByIndex(index))
-    return handles
+        raise EnergyUnavailable("NVML lists no GPU")
+    raise EnergyUnavailable(f"no GPU given to this process ({given} names none of the {count} NVML lists)")
+
+
+def framework_board(nvml, device_uuid: str | None, environ: Mapping[str, str]):
+    """The NVML handle of the board the framework's device 0 is, not shared by MIG instances."""
+    index = board_by_uuid(nvml, device_uuid) if device_uuid else board_by_cuda_order(nvml, environ)
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    if in_mig_mode(nvml, handle):
+        raise EnergyUnavailable(f"GPU {_text(nvml.nvmlDeviceGetUUID(handle))} is in MIG mode: {MIG_SHARED}")
+    return handle
 
 
 @dataclass
@@ -66,19 +137,24 @@ class EpochEnergy:
 
 
 class EnergyMeter:
-    """Measures each epoch's GPU energy; ``summary()`` says how (for metrics.json's ``energy``).
+    """Measures each epoch's energy of the framework's GPU; ``summary()`` says how (metrics.json's ``energy``).
 
-    ``start()`` before the epoch loop, ``stop()`` after it, and ``with meter.epoch() as energy:``
-    around each epoch's timed span; ``energy.joules`` is set when the span ends (None when not measured).
+    ``device_uuid``: the UUID of the framework's device 0 where the framework tells it (any text NVML's
+    UUID shows in, with or without "GPU-"); else it is found from ``environ`` (default: this process'),
+    as ``framework_board`` says. ``start()`` before the epoch loop, ``stop()`` after it, and
+    ``with meter.epoch() as energy:`` around each epoch's timed span; ``energy.joules`` is set when the
+    span ends (None when not measured).
     """
 
-    def __init__(self, sample_hz: float = SAMPLE_HZ, visible: str | None = None, log=None):
+    def __init__(self, sample_hz: float = SAMPLE_HZ, device_uuid=None, environ: Mapping[str, str] | None = None,
+                 log=None):
         self.sample_hz = sample_hz
-        self.visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+        self.device_uuid = None if device_uuid is None else nvml_uuid(device_uuid)
+        self.environ = environ
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.method: str | None = None
         self.gpus: list[str] = []
-        self._nvml = self._handles = self._thread = None
+        self._nvml = self._handle = self._thread = None
         self._samples: list[tuple[float, float]] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -92,7 +168,7 @@ class EnergyMeter:
             self.log(f"energy: not measured ({why}); the metrics' energy fields are null")
         else:
             rate = f", {self.sample_hz:g} samples/s" if self.method == POWER else ""
-            self.log(f"energy: measuring {len(self.gpus)} GPU(s) ({', '.join(self.gpus)}) by {self.method}{rate}")
+            self.log(f"energy: measuring 1 GPU(s) ({self.gpus[0]}, the framework's device 0) by {self.method}{rate}")
         return self
 
     def stop(self) -> None:
@@ -112,10 +188,9 @@ class EnergyMeter:
             raise EnergyUnavailable(f"NVML cannot start: {err}") from None
         self._nvml = pynvml
         try:
-            self._handles = visible_gpus(pynvml, self.visible)
-            if not self._handles:
-                raise EnergyUnavailable(f"no GPU given to this process (CUDA_VISIBLE_DEVICES={self.visible!r})")
-            self.gpus = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in self._handles]
+            environ = os.environ if self.environ is None else self.environ
+            self._handle = framework_board(pynvml, self.device_uuid, environ)
+            self.gpus = [_text(pynvml.nvmlDeviceGetUUID(self._handle))]
             try:
                 self._energy_mj()
                 self.method = COUNTER
@@ -137,10 +212,10 @@ class EnergyMeter:
             self._nvml = None
 
     def _energy_mj(self) -> int:
-        return sum(self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles)
+        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
 
     def _power_watts(self) -> float:
-        return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0
+        return self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
 
     def _sample(self) -> float:
         watts = self._power_watts()
@@ -185,7 +260,8 @@ class EnergyMeter:
 
     def summary(self, history: list[dict]) -> dict:
         """metrics.json's ``energy``: the run's joules (the sum over its epochs, None unless every
-        epoch has a figure), how this process measured them, and which GPUs."""
+        epoch has a figure), how this process measured them, and which GPU (a list of one UUID; empty
+        when not measured)."""
         figures = [epoch.get("energy_joules") for epoch in history]
         measured = self.method is not None and bool(figures) and all(f is not None for f in figures)
         return {

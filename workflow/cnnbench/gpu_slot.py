@@ -14,6 +14,13 @@ a lock file left behind by a killed Snakemake blocks nothing. With every slot ta
 The pool is resolved in the Snakemake process (``pool_setting`` / ``resolve_pool``, from the host's
 environment) and handed to the jobs in ``POOL_ENV``, also under Apptainer's ``APPTAINERENV_``
 prefix, so that it reaches jobs inside containers even with ``--cleanenv``.
+
+GPU memory (``apply_gpu_defaults``, here for the job and again in each trainer at its start, for a
+trainer started by hand): a training given a slot has its GPU to itself (``EXCLUSIVE_ENV=1``) and the
+frameworks keep their defaults; any other may share its GPU (no pool, a SLURM job, a trainer started
+by hand), so TensorFlow grows its memory as needed instead of taking it all, and JAX does not take
+75% of it at start. Either way CUDA counts GPUs as NVML and nvidia-smi do (PCI bus order), so that an
+index means one GPU to all of them (cnnbench.energy maps CUDA's device 0 to NVML's by it).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ import time
 from pathlib import Path
 
 POOL_ENV = "CNNBENCH_GPU_POOL"  # comma-separated GPU ids; empty: assign nothing
+EXCLUSIVE_ENV = "CNNBENCH_GPU_EXCLUSIVE"  # "1": this training has its GPU to itself (set with a slot)
+# What a training that may share its GPU sets, unless the variable is set already.
+SHARED_GPU_DEFAULTS = {"TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 SLOTS_DIR = Path(".snakemake") / "gpu-slots"
 POLL_SECONDS = 0.5
 EXIT_PARENT_GONE = 143  # as the trainers' exit on a stop request
@@ -78,6 +88,23 @@ def export_pool(setting, environ=os.environ) -> tuple[list[str], str]:
         environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         environ.setdefault("APPTAINERENV_CUDA_DEVICE_ORDER", environ["CUDA_DEVICE_ORDER"])
     return pool, source
+
+
+def apply_gpu_defaults(environ=None, log=None) -> dict:
+    """Set, where unset, CUDA_DEVICE_ORDER=PCI_BUS_ID and, unless ``EXCLUSIVE_ENV`` is "1", the
+    ``SHARED_GPU_DEFAULTS`` (before TensorFlow or JAX is imported: they read them once). Says in
+    ``log`` what it set; returns that."""
+    environ = os.environ if environ is None else environ
+    exclusive = environ.get(EXCLUSIVE_ENV) == "1"
+    wanted = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **({} if exclusive else SHARED_GPU_DEFAULTS)}
+    set_here = {name: value for name, value in wanted.items() if name not in environ}
+    environ.update(set_here)
+    if set_here:
+        why = ("this training has the GPU to itself" if exclusive else
+               f"{EXCLUSIVE_ENV} is not 1: other trainings may share the GPU, TensorFlow and JAX take memory as needed")
+        print(f"GPU environment: {' '.join(f'{k}={v}' for k, v in set_here.items())} ({why})",
+              file=log or sys.stderr, flush=True)
+    return set_here
 
 
 def slot_file(slots_dir: Path, gpu: str) -> Path:
@@ -141,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         gpu, handle = acquire(pool, slots_dir, parent=os.getppid())
         os.set_inheritable(handle.fileno(), True)  # held by the command exec'd below, until it ends
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        os.environ[EXCLUSIVE_ENV] = "1"
         print(f"GPU slot: CUDA_VISIBLE_DEVICES={gpu}", file=sys.stderr, flush=True)
+    apply_gpu_defaults()
     sys.stderr.flush()
     try:
         os.execvp(command[0], command)

@@ -302,6 +302,7 @@ def backend_version(backend: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = training.parse_args("keras", argv)
     try:
+        training.preflight()  # before the data is loaded and the framework starts on the GPU
         metrics = run(args, args.keras_backend)
     except Preempted:
         return EXIT_PREEMPTED

@@ -19,10 +19,23 @@ def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-def validate_metrics(metrics: dict, source: str = "metrics") -> None:
+@lru_cache(maxsize=1)
+def validator():
+    """The schema's validator, built once (the trainers build it before they train: training.preflight).
+    ImportError without jsonschema; MetricsError for a schema file that is missing or no JSON Schema."""
     import jsonschema
 
-    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(metrics), key=lambda e: list(e.path))
+    try:
+        document = schema()
+        jsonschema.Draft202012Validator.check_schema(document)
+    except (OSError, json.JSONDecodeError, jsonschema.SchemaError) as err:
+        raise MetricsError(f"the metrics schema {SCHEMA_PATH} cannot be used ({str(err).splitlines()[0]}): "
+                           "restore it from the repository (git checkout -- workflow/schemas)") from err
+    return jsonschema.Draft202012Validator(document)
+
+
+def validate_metrics(metrics: dict, source: str = "metrics") -> None:
+    errors = sorted(validator().iter_errors(metrics), key=lambda e: list(e.path))
     if errors:
         details = "; ".join(f"{'/'.join(map(str, e.path)) or '(top level)'}: {e.message}" for e in errors[:5])
         raise MetricsError(f"{source} does not match the metrics schema v{SCHEMA_VERSION}: {details}")

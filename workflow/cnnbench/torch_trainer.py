@@ -186,7 +186,8 @@ def run(args: training.RunArgs) -> dict:
     x_test, y_test = on_device("x_test"), on_device("y_test", torch.long)
     preprocess = Preprocess(hp["image_size"], hp["mean"], hp["std"], device, hp["preprocessing"])
 
-    meter = EnergyMeter().start()
+    device_uuid = torch.cuda.get_device_properties(device).uuid if device.type == "cuda" else None  # NVML's board
+    meter = EnergyMeter(device_uuid=device_uuid).start()
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             with meter.epoch() as energy, training.Timer() as timer:
@@ -226,6 +227,7 @@ def run(args: training.RunArgs) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = training.parse_args("torch", argv)
     try:
+        training.preflight()  # before the data is loaded and the framework starts on the GPU
         metrics = run(args)
     except Preempted:
         return EXIT_PREEMPTED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, gpu_slot
 from .config import ConfigError, loads_weights, parse_variant
 from .data import DataError, load_prepared
 from .fileio import file_digest, write_json_atomic, write_text_atomic
-from .metrics import SCHEMA_VERSION, validate_metrics
+from .metrics import SCHEMA_VERSION, MetricsError, validate_metrics, validator
 from .weights import WeightsError, published_spec, resolve_preprocessing
 from .weights import verify as verify_weights
 
@@ -126,6 +127,34 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def require_module(module: str, distribution: str, needed_for: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise TrainingError(f"{module} cannot be imported ({err}); the run needs it {needed_for}. Install "
+                            f"{distribution} where the trainer runs (requirements.txt and both container images "
+                            "have it; rebuild an image that lacks it), then rerun.") from err
+
+
+def preflight() -> None:
+    """What the run needs up to its end, checked before it loads data or imports its framework, so that
+    no run trains for hours to fail at the end: the GPU environment (gpu_slot.apply_gpu_defaults, which
+    must precede TensorFlow's and JAX's import), the metrics schema's validator (jsonschema and the
+    schema file, used after the last epoch), tqdm, and pynvml where the job was given a GPU."""
+    gpu_slot.apply_gpu_defaults()
+    require_module("jsonschema", "jsonschema", "to validate metrics.json after training")
+    try:
+        validator()
+    except MetricsError as err:
+        raise TrainingError(str(err)) from err
+    require_module("tqdm", "tqdm", "for its progress bars")
+    from .gpu import current_host, expected_because  # here: cnnbench.gpu imports this module
+
+    because = expected_because(current_host())
+    if because:
+        require_module("pynvml", "nvidia-ml-py", f"to measure the GPU's energy (a GPU is expected: {because[0]})")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
