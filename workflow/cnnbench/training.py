@@ -139,10 +139,12 @@ def require_module(module: str, distribution: str, needed_for: str) -> None:
 
 
 def preflight() -> None:
-    """What the run needs up to its end, checked before it loads data or imports its framework, so that
-    no run trains for hours to fail at the end: the GPU environment (gpu_slot.apply_gpu_defaults, which
-    must precede TensorFlow's and JAX's import), the metrics schema's validator (jsonschema and the
-    schema file, used after the last epoch), tqdm, and pynvml where the job was given a GPU."""
+    """What the run needs up to its end, checked first thing in a trainer's main, before any data is
+    loaded, so that no run trains for hours to fail at the end: the metrics schema's validator
+    (jsonschema and the schema file, used after the last epoch), tqdm, and pynvml where a GPU is
+    expected (gpu.expected_because). First of all the GPU environment (gpu_slot.apply_gpu_defaults):
+    TensorFlow and JAX read it at their import, CUDA (torch) when it starts, both later than this.
+    (The Keras trainer imports its backend next, still before the data: import_keras.)"""
     gpu_slot.apply_gpu_defaults()
     require_module("jsonschema", "jsonschema", "to validate metrics.json after training")
     try:
