@@ -1,14 +1,17 @@
-"""README.md is a contract: every `snakemake …` and `make …` command in it runs here as written.
+"""The documentation is a contract: every `snakemake …`, `make …` and `python -m pytest …` command in
+README.md, docs/*.md and config/README.md runs here as written, and their links lead somewhere.
 
 Each command runs in a linked checkout (tests/conftest.py: the repository's files linked into a
 temporary directory), from its root, with the venv first on PATH. Commands that would train for hours
-run as a dry run (`-n` appended); cheap ones run for real; `make test` and `make containers` are what
-CI's `.ci/run` itself runs. A command added to the README without a check here fails the test.
+run as a dry run (`-n` appended), which also shows each training's CPU threads; cheap ones run for
+real; `make test` and `make containers` are what CI's `.ci/run` itself runs. A command added to a page
+without a check here fails the test.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,9 @@ CHECKS = {
     "make test": CI,
     "make containers": CI,
     "snakemake --use-singularity --cores 1 --resources gpu=1": DRY,
+    "snakemake --use-singularity --cores 8 --resources gpu=1": DRY,
+    "snakemake --cores 1 --resources gpu=1": DRY,
+    "snakemake --cores 8 --resources gpu=1": DRY,
     "snakemake --cores all": DRY,
     "snakemake --configfile config/full.yaml --use-singularity --cores 1 --resources gpu=1": DRY,
     "snakemake --configfile config/full.yaml --use-singularity --cores 32 --resources gpu=4": DRY,
@@ -47,14 +53,14 @@ MAKE_DRY_RUNS = {
     'make containers CONTAINER_BUILD_ARGS="--torch-cuda cu126"': "containers/build.sh --torch-cuda cu126",
 }
 COMMAND = re.compile(r"(?:[A-Z_]+=\S* )*(?:snakemake|make|python -m pytest)( |$)")  # after any VAR=value
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "config" / "README.md"]
 
 
-def readme_commands() -> set[str]:
-    """`snakemake`/`make`/`python -m pytest` lines of the README's bash blocks (comments dropped) and inline
-    `snakemake`/`make` commands."""
-    text = (REPO / "README.md").read_text()
+def page_commands(text: str) -> set[str]:
+    """`snakemake`/`make`/`python -m pytest` lines of a page's bash blocks (indented ones too, as in a
+    list; comments dropped) and its inline `snakemake`/`make` commands."""
     commands = set()
-    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
+    for block in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.M | re.S):
         for line in block.splitlines():
             command = line.split(" #", 1)[0].strip()
             if COMMAND.match(command):
@@ -64,8 +70,49 @@ def readme_commands() -> set[str]:
     return commands
 
 
+def documented_commands() -> set[str]:
+    return set().union(*(page_commands(page.read_text()) for page in PAGES))
+
+
 def test_every_readme_command_has_a_check():
-    assert readme_commands() == set(CHECKS), "README commands and tests/test_readme.py's CHECKS differ"
+    """README.md's commands and those of docs/*.md and config/README.md."""
+    assert documented_commands() == set(CHECKS), "the pages' commands and tests/test_readme.py's CHECKS differ"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens,
+    a repeated one numbered (-1, -2, ...)."""
+    text = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text, flags=re.M | re.S)  # no headings in code blocks
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def relative_links(page: Path) -> list[str]:
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text())
+            if not re.match(r"[a-z]+:", target)]  # https:, mailto: lead outside the repository
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_links_lead_to_a_file_and_heading(page):
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no file {linked}")
+        elif anchor and anchor not in heading_anchors(linked.read_text()):
+            broken.append(f"{target}: no heading with the anchor #{anchor} in {linked.relative_to(REPO)}")
+    assert not broken, broken
+
+
+def test_the_readme_links_every_page_of_docs():
+    linked = {(REPO / target.partition("#")[0]).resolve() for target in relative_links(REPO / "README.md")}
+    assert [page for page in PAGES[1:] if page not in linked] == []
 
 
 def needs_images(command: str) -> None:
@@ -74,6 +121,23 @@ def needs_images(command: str) -> None:
         for image in ("torch.sif", "tensorflow.sif"):
             if not (REPO / "containers" / image).exists():
                 skip_or_fail(f"containers/{image} does not exist: build the images with `make containers`")
+
+
+def expected_training_threads(command: str) -> int | None:
+    """Each training's CPU threads under ``command``: --cores // the N of --resources gpu=N, at least 1
+    (workflow/rules/common.smk: training_threads); None where the command sets no number of cores."""
+    cores = re.search(r"--cores (\d+)\b", command)
+    if not cores:
+        return None
+    gpus = re.search(r"--resources gpu=(\d+)\b", command)
+    return max(1, int(cores.group(1)) // (int(gpus.group(1)) if gpus else 1))
+
+
+def training_threads(dry_run: str) -> list[int]:
+    """The threads of each train_torch/train_keras job a dry run lists (Snakemake prints none for 1)."""
+    jobs = re.findall(r"^rule train_(?:torch|keras):\n(.*?)(?=^\S)", dry_run, re.M | re.S)
+    threads = (re.search(r"^\s+threads: (\d+)$", job, re.M) for job in jobs)
+    return [int(match.group(1)) if match else 1 for match in threads]
 
 
 @pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == DRY])
@@ -85,6 +149,10 @@ def test_training_commands_dry_run(command, tmp_path):
     assert result.returncode == 0, output[-5000:]
     assert "This was a dry-run" in output
     assert re.search(r"^train_(torch|keras)\s+\d+$", output, re.M), output[-3000:]  # it would train
+    threads = expected_training_threads(command)
+    if threads is not None:
+        listed = training_threads(output)
+        assert listed and set(listed) == {threads}, (threads, listed, output[-3000:])
 
 
 @pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == MAKE_DRY])
