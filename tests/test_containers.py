@@ -29,7 +29,7 @@ MODEL_FILE = {"torch": "model.pt", "keras": "model.keras"}
 
 
 def snakemake(workdir: Path, *args, env: dict | None = None, timeout: float = 2400):
-    # The demo as the README runs it, but its scratch variants train 2 epochs, not make demo's 100 steps
+    # The demo as the README runs it, but its scratch variants train 2 epochs, not make demo's 105 steps
     # (tests/test_workflow.py checks that they learn; here the images are what is under test).
     overlay = workdir / "no-demo-min-steps.yaml"
     overlay.write_text(NO_DEMO_MIN_STEPS)
