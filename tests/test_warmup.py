@@ -44,8 +44,8 @@ if not COMPILED:
         [args[0].shape[0], module.training, torch.is_grad_enabled()]))
 
 def state():
-    return {{"tensors": {{**{{k: v.clone() for k, v in network.state_dict().items()}},
-                        **{{f"grad.{{k}}": None if p.grad is None else p.grad.clone() for k, p in network.named_parameters()}}}},
+    grads = {{f"grad.{{k}}": None if p.grad is None else p.grad.clone() for k, p in network.named_parameters()}}
+    return {{"tensors": {{**{{k: v.clone() for k, v in network.state_dict().items()}}, **grads}},
             "optimizer": {{k: {{n: t.clone() for n, t in s.items()}} for k, s in optimizer.state.items()}},
             "groups": [{{k: v for k, v in g.items() if k != "params"}} for g in optimizer.param_groups],
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),

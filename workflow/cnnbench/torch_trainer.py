@@ -74,7 +74,8 @@ def use_compile(hp: dict, device: torch.device) -> bool:
 
 def autocast(device: torch.device, ran_precision: str):
     """bf16 autocast where the run computes in bf16 (``precision.effective``: on a GPU only). Preprocessing
-    runs before it; the head (torch_models.Float32Linear) and the loss run in float32."""
+    runs before it; the head (torch_models.Float32Linear) and the loss run in float32. BatchNorm keeps its
+    float32 parameters and statistics under it (autocast casts no BatchNorm)."""
     if device.type == "cuda" and ran_precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
