@@ -47,3 +47,4 @@ def test_keys_reach_the_trainers_and_the_metrics(keyed_run):
     torch_log = (run_dir(results, "torch-alexnet-scratch") / "train.log").read_text()
     assert "compiling the model with torch.compile (compile: on)" in torch_log
     assert torch_run["environment"]["compiled"] is True
+    assert "warm-up (compiled): each batch shape once" in torch_log and torch_run["compile_seconds"] > 0

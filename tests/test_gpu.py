@@ -173,7 +173,11 @@ def test_torch_trainer_on_a_gpu_in_bf16_compiled(gpu_dataset, tmp_path):
     [gpu] = gpus_or_skip(1)
     metrics, log = finished(start("torch", gpu_dataset, tmp_path / "run", gpu, compile="on"), tmp_path / "run")
     assert_trained_on_the_gpu(metrics, log, gpu, "torch")
-    assert metrics["environment"]["compiled"] is True
+    assert metrics["environment"]["compiled"] is True and metrics["environment"]["precision"] == "bf16"
+    # torch.compile compiles in the warm-up (every batch shape), not in epoch 1: that takes about epoch 2's time.
+    first, second = (epoch["seconds"] for epoch in metrics["history"])
+    assert metrics["compile_seconds"] > 0 and first < 2 * second + 1.0, (metrics["compile_seconds"], first, second)
+    assert "warm-up (compiled)" in log
 
 
 def test_keras_trainer_on_a_gpu_in_bf16(gpu_dataset, keras_backend, tmp_path):

@@ -27,7 +27,8 @@ model.load_state_dict(torch.load({model!r}, map_location="cpu", weights_only=Tru
 model = model.to(memory_format=torch.channels_last)
 device = torch.device("cpu")
 x, y = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"]).long()
-loss, _, predictions = evaluate(model, x, y, Preprocess(hp["image_size"], hp["mean"], hp["std"], device, hp["preprocessing"]), hp, device)
+preprocess = Preprocess(hp["image_size"], hp["mean"], hp["std"], device, hp["preprocessing"])
+loss, _, predictions = evaluate(model, x, y, preprocess, hp, device, metrics["environment"]["precision"])
 print(json.dumps({{"loss": loss, "predictions": predictions.tolist()}}))
 """
 

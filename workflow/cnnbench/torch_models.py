@@ -73,12 +73,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def new_head(name: str, in_features: int, num_classes: int) -> nn.Linear:
+class Float32Linear(nn.Linear):
+    """The classification head: it computes in float32 even under bf16 autocast, on its input cast to
+    float32 (as Keras' head layer, dtype float32, under mixed_bfloat16), so the logits and the loss on
+    them are float32. A subclass of nn.Linear: state_dict keys, saved models and ports stay the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def new_head(name: str, in_features: int, num_classes: int) -> Float32Linear:
     """The new last layer, initialised by torchvision's rule for ``name`` (Keras' models use the same):
     VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet and
     ResNet have no rule of their own for it, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     stays."""
-    head = nn.Linear(in_features, num_classes)
+    head = Float32Linear(in_features, num_classes)
     if name == "vgg16":
         nn.init.normal_(head.weight, 0.0, 0.01)
         nn.init.zeros_(head.bias)
