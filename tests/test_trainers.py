@@ -287,7 +287,8 @@ loss, accuracy, _ = evaluate(model, data["x_train"], data["y_train"], {{"eval_ba
 print(json.dumps({{"loss": loss, "accuracy": accuracy}}))
 """)
     assert epoch["train_loss"] == pytest.approx(out["loss"], rel=1e-5)
-    assert epoch["train_accuracy"] == pytest.approx(out["accuracy"], abs=1e-9)
+    # Keras' accuracy metric divides in float32 (0.1 reads back as 0.10000000149).
+    assert epoch["train_accuracy"] == pytest.approx(out["accuracy"], abs=1e-7)
 
 
 # Each ResNet-50 variant through its trainer: one step per epoch at 64x64 keeps it to seconds of compute.

@@ -1,9 +1,12 @@
 """Keras 3 trainer: one variant, one seed, on the backend named by ``--keras-backend``.
 
-Like the torch trainer, the uint8 training images become a backend tensor once, each step gathers
-its batch from it by index (``keras.ops.take``), and the model resizes/normalises the batch itself
-(see ``keras_models``): the upscaled images exist only on the device. (TensorFlow has no GPU kernel
-to gather uint8, so there it gathers in host memory and moves only the batch.)
+Each epoch is one ``model.fit`` call, Keras' own compiled multi-step loop (``STEPS_PER_EXECUTION``),
+on that epoch's images gathered once, in its order, on the host: the uint8 batches stream through
+Keras' data adapter (tf.data with prefetch on TensorFlow, a batch-ahead device transfer on JAX), and
+the model converts, resizes and normalises each batch on the device itself (see ``keras_models``),
+so the upscaled images exist only there. (TensorFlow has no GPU kernel to gather uint8: gathering
+on the host also keeps the whole set off GPU:0.) Every batch shape the run uses is compiled before
+the first timed step (``warm_up``).
 """
 
 from __future__ import annotations
@@ -158,29 +161,120 @@ def evaluate(model, x, y, hp):
     return log_softmax_loss(logits, y), float((predictions == y).mean()), predictions
 
 
-def train_one_epoch(model, x, y, order: np.ndarray, hp: dict, stop: StopRequested, desc: str):
-    """One epoch the way ``torch_trainer.train_one_epoch`` runs it: the images stay on the device, each
-    step gathers its batch there by index; stops after the current step on SIGTERM.
+# Training steps per compiled execution (model.compile(steps_per_execution=...)): TensorFlow runs them as
+# one tf.while_loop call, JAX as a Python loop over its jitted step; the host looks at the run (progress
+# bar, SIGTERM) once per execution, so a stop takes effect within this many steps. 16 lets one call
+# amortise the per-call overhead: on 2 CPU cores a one-call-per-step loop (train_on_batch) ran at
+# 0.52x (TensorFlow) and 0.62x (JAX) the images/s of fit with 16 (issue 19). Keras' torch backend
+# accepts only 1 (keras/src/backend/torch/trainer.py), and then the host looks after every step.
+STEPS_PER_EXECUTION = 16
+JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # config train.compile -> compile(jit_compile=...)
 
-    Returns the loss and accuracy over the epoch's images (``train_on_batch`` gives each batch's means).
+
+def steps_per_execution(backend: str) -> int:
+    return 1 if backend == "torch" else STEPS_PER_EXECUTION
+
+
+def compile_model(model, hp: dict, steps_per_epoch: int, optimizer=None) -> None:
+    """Compile ``model`` the way the trainer trains it: ``optimizer`` (default: a new ``make_optimizer``;
+    a resumed model passes its own, whose state it keeps), the loss on logits, accuracy, the config's
+    ``compile`` as ``jit_compile`` and ``steps_per_execution`` for the running backend."""
+    import keras
+
+    from .keras_models import make_optimizer
+
+    if optimizer is None:
+        optimizer = make_optimizer(hp, steps_per_epoch=steps_per_epoch)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                  jit_compile=JIT_COMPILE[hp["compile"]],
+                  steps_per_execution=steps_per_execution(keras.backend.backend()))
+
+
+def host_inputs(x: np.ndarray, y: np.ndarray, index) -> tuple[np.ndarray, np.ndarray]:
+    """The images (uint8, as stored) and int32 labels at ``index``: what ``fit`` gets, in warm-up too."""
+    return x[index], y[index].astype(np.int32)
+
+
+def execution_callbacks(model, stop: StopRequested, bar, num_images: int, batch_size: int):
+    """``fit``'s callbacks for one epoch of ``num_images``: after each execution, count its steps for
+    ``stop`` (which may end the epoch there: ``model.stop_training``) and move ``bar``; and History.
+
+    A CallbackList of its own, because Keras' turns each execution's logs into Python floats before it
+    calls a callback that is not async-safe (keras/src/callbacks/callback_list.py, _on_train_batch_end),
+    which waits for the device; this one reads no logs, so the host waits only at the epoch's end.
     """
     import keras
 
-    order_on_device = keras.ops.convert_to_tensor(order, "int32")
-    batch_size = hp["batch_size"]
-    loss_sum = correct = 0.0
+    total_steps = -(-num_images // batch_size)
+
+    class ExecutionCallbacks(keras.callbacks.CallbackList):
+        steps_done = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            # ``batch`` is the execution's last step index: begin + steps_per_execution - 1, also for
+            # the epoch's last execution, which may run fewer steps.
+            done = min(batch + 1, total_steps)
+            steps, self.steps_done = done - self.steps_done, done
+            bar.update(min(done * batch_size, num_images) - bar.n)
+            if stop.after_step(steps):
+                model.stop_training = True
+
+    return ExecutionCallbacks(add_history=True, model=model)
+
+
+def train_one_epoch(model, x_train: np.ndarray, y_train: np.ndarray, order: np.ndarray, hp: dict,
+                    stop: StopRequested, desc: str) -> tuple[float, float]:
+    """One epoch over ``x_train[order]`` (host numpy arrays; the images gathered once, here) with
+    ``model.fit``, ``steps_per_execution`` steps per call; on SIGTERM it stops at the end of the
+    current execution, i.e. within ``steps_per_execution`` steps (the caller then raises Preempted).
+
+    Returns the loss and accuracy over the epoch's images, read once, from fit's History: Keras weights
+    each batch's mean loss by its size (the trainers' train_step: ``_loss_tracker.update_state(loss,
+    sample_weight=<batch size>)`` in keras/src/backend/{tensorflow,jax,torch}/trainer.py) and
+    accuracy is a mean over images, so a short last batch counts per image.
+    """
+    x_epoch, y_epoch = host_inputs(x_train, y_train, order)
     with training.progress(len(order), desc) as bar:
-        for start in range(0, len(order), batch_size):
-            index = order_on_device[start:start + batch_size]
-            logs = model.train_on_batch(keras.ops.take(x, index, axis=0), keras.ops.take(y, index, axis=0),
-                                        return_dict=True)
-            images = min(batch_size, len(order) - start)
-            loss_sum += logs["loss"] * images
-            correct += logs["accuracy"] * images
-            bar.update(images)
-            if stop.after_step():
-                break
-    return loss_sum / len(order), correct / len(order)
+        callbacks = execution_callbacks(model, stop, bar, len(order), hp["batch_size"])
+        history = model.fit(x_epoch, y_epoch, batch_size=hp["batch_size"], epochs=1, shuffle=False, verbose=0,
+                            callbacks=callbacks)
+    return history.history["loss"][-1], history.history["accuracy"][-1]
+
+
+def batch_shapes_sample(num_images: int, batch_size: int) -> int:
+    """How many leading images make batches of every size an epoch of ``num_images`` uses: one full
+    batch (if any) and the short last one (if any)."""
+    return (batch_size if num_images >= batch_size else 0) + num_images % batch_size
+
+
+def warm_up(model, x_train: np.ndarray, y_train: np.ndarray, epoch_images: int, eval_sets, hp: dict) -> float:
+    """Trace and compile, before the first timed step, what the run will run: training on a full batch
+    and on the epoch's short last batch (``epoch_images`` per epoch), through ``fit`` as an epoch calls
+    it (the same steps_per_execution loop: on TensorFlow one tf.while_loop function, XLA-compiled per
+    batch shape; on JAX the jitted step per batch shape), and ``predict`` on a full eval batch and
+    each set's in ``eval_sets`` short last one. Every model and optimizer variable (weights, BatchNorm
+    statistics, dropout seed states, iterations, momentum) gets its value back and the metrics are
+    reset: the run trains as if the warm-up had not happened. Returns its seconds."""
+    with training.Timer() as timer:
+        if not model.optimizer.built:  # its slots must exist to be saved; fit would build it the same way
+            model.optimizer.build(model.trainable_variables)
+        variables = [*model.variables, *model.optimizer.variables]
+        # Copies on the host: JAX donates the state's device buffers to its step; np.asarray may alias them.
+        saved = [np.array(variable, copy=True) for variable in variables]
+        count = batch_shapes_sample(epoch_images, hp["batch_size"])
+        model.fit(*host_inputs(x_train, y_train, slice(count)), batch_size=hp["batch_size"], epochs=1,
+                  shuffle=False, verbose=0)
+        for x in eval_sets:
+            if count := batch_shapes_sample(len(x), hp["eval_batch_size"]):
+                model.predict(x[:count], batch_size=hp["eval_batch_size"], verbose=0)
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        model.reset_metrics()
+    print(f"warm-up: compiled training and evaluation for every batch shape in {timer.seconds:.1f} s "
+          f"(jit_compile {model.jit_compile}, steps_per_execution {model.steps_per_execution})",
+          file=sys.stderr, flush=True)
+    return timer.seconds
 
 
 def reseed_dropout(model, seed: int) -> None:
@@ -226,7 +320,7 @@ def run(args: training.RunArgs, backend: str) -> dict:
     hp = args.hparams  # training.load_data resolves the epochs in it
     stop = StopRequested(args.run_dir)
     keras = import_keras(backend)
-    from .keras_models import build_model, make_optimizer  # registers custom objects for loading too
+    from .keras_models import build_model  # registers custom objects for loading too
 
     devices = gpu_devices(backend)
     gpu.check_gpu(hp["require_gpu"], bool(devices), framework_build(keras, backend))
@@ -241,23 +335,23 @@ def run(args: training.RunArgs, backend: str) -> dict:
     fingerprint = training.run_fingerprint(args, data["sha256"])
     checkpoint = Checkpoint(args.checkpoint_dir, fingerprint)
     model, history = checkpoint.load(keras)
+    steps_per_epoch = -(-len(y_train) // hp["batch_size"])
     if model is None:
         model = build_model(args.model, len(class_names), hp["image_size"], hp["mean"], hp["std"],
                             hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights,
                             preprocessing_mode=hp["preprocessing"], freeze_backbone=freezes_backbone(args.init))
-        model.compile(optimizer=make_optimizer(hp, steps_per_epoch=-(-len(y_train) // hp["batch_size"])),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"],
-                      jit_compile={"auto": "auto", "on": True, "off": False}[hp["compile"]])
+        compile_model(model, hp, steps_per_epoch)
+    else:  # this trainer's compile settings, on this machine; the checkpoint's optimizer and its state
+        compile_model(model, hp, steps_per_epoch, optimizer=model.optimizer)
 
     meter = EnergyMeter().start()
     try:
-        # As in the torch trainer: the uint8 images go to the device once, each step gathers its batch.
-        x_train, y_train = keras.ops.convert_to_tensor(x_train), keras.ops.convert_to_tensor(y_train, "int32")
+        epoch_images = len(training.epoch_order(len(y_train), training.epoch_seed(args.seed, 1), hp))
+        compile_seconds = warm_up(model, x_train, y_train, epoch_images, (data["x_val"], data["x_test"]), hp)
         for epoch in range(len(history) + 1, hp["epochs"] + 1):
             seed = training.epoch_seed(args.seed, epoch)
             with meter.epoch() as energy, training.Timer() as timer:  # the same span as the torch trainer's
-                order = training.epoch_order(len(data["y_train"]), seed, hp)
+                order = training.epoch_order(len(y_train), seed, hp)
                 reseed_dropout(model, seed)
                 train_loss, train_acc = train_one_epoch(model, x_train, y_train, order, hp, stop,
                                                         f"epoch {epoch}/{hp['epochs']}")
@@ -286,10 +380,10 @@ def run(args: training.RunArgs, backend: str) -> dict:
                                f"keras {keras.__version__}, {backend} {backend_version(backend)}",
                                args.container, args.started_at, keras_backend=backend, gpu=gpu_environment(backend, devices),
                                cuda_build=cuda_build(backend)[0], precision=ran_precision,
-                               precision_settings=precision_settings, compiled=hp["compile"] != "off")
+                               precision_settings=precision_settings, compiled=bool(model.jit_compile))
     metrics = training.build_metrics(args, data, history,
                                      training.test_summary(test_loss, data["y_test"], predictions, class_names),
-                                     env, meter.summary(history), compile_seconds=0.0)
+                                     env, meter.summary(history), compile_seconds=compile_seconds)
     training.finish(args, metrics, stop)
     return metrics
 
