@@ -39,6 +39,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/targets.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -7,8 +7,8 @@ PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import (  # noqa: E402
-    INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, format_size, learning_rates, loads_weights,
-    parse_size, parse_variant, run_hparams, run_name,
+    INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, learning_rates, loads_weights, parse_size,
+    parse_variant, run_hparams, run_name, run_problem, run_target_problem, TRAINING_FILES,
 )
 from cnnbench.gpu_slot import export_pool  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, conclusions_text  # noqa: E402
@@ -117,13 +117,17 @@ if using_apptainer():
     bind_package_dir()
 
 
+RUN_CONSTRAINTS = {"framework": "torch|keras", "model": "|".join(MODELS), "init": "|".join(INITS),
+                   "seed": r"\d+", "size": r"all|\d+", "lr": r"\d[0-9.e+-]*"}
+
+
 wildcard_constraints:
-    framework="torch|keras",
-    model="|".join(MODELS),
-    init="|".join(INITS),
-    seed=r"\d+",
-    size=r"all|\d+",
-    lr=r"\d[0-9.e+-]*",
+    framework=RUN_CONSTRAINTS["framework"],
+    model=RUN_CONSTRAINTS["model"],
+    init=RUN_CONSTRAINTS["init"],
+    seed=RUN_CONSTRAINTS["seed"],
+    size=RUN_CONSTRAINTS["size"],
+    lr=RUN_CONSTRAINTS["lr"],
 
 
 def variant_name(wildcards):
@@ -131,16 +135,13 @@ def variant_name(wildcards):
 
 
 def hparams_json(wildcards):
-    """The run's hyperparameters; its size and lr must be ones the config asks for (else it says which)."""
-    variant, size = variant_name(wildcards), parse_size(wildcards.size)
+    """The run's hyperparameters; it must be a run the config asks for (else it says which it has)."""
+    variant = variant_name(wildcards)
+    problem = run_problem(config, variant, wildcards.size, wildcards.lr, wildcards.seed)
+    if problem:
+        raise WorkflowError(problem)
     lrs = {format_lr(lr): lr for lr in learning_rates(config, variant)}
-    sizes = [format_size(s) for s in config["train_sizes"]]
-    if wildcards.lr not in lrs or wildcards.size not in sizes:
-        raise WorkflowError(
-            f"results/runs/{variant}/n{wildcards.size}-lr{wildcards.lr} is not a run of this config: its "
-            f"sizes are n{', n'.join(sizes)} (train_sizes) and {variant}'s learning rates lr"
-            f"{', lr'.join(lrs)} (sweep, or train/init_overrides/variant_overrides)")
-    return json.dumps(run_hparams(config, variant, size, lrs[wildcards.lr]), sort_keys=True)
+    return json.dumps(run_hparams(config, variant, parse_size(wildcards.size), lrs[wildcards.lr]), sort_keys=True)
 
 
 def pretrained_weights(wildcards):
@@ -215,3 +216,24 @@ def torch_model_of(stem):
     """The model whose torchvision weights file has this stem (for the port rule)."""
     return next(model for (fw, model), spec in published_files()
                 if fw == "torch" and spec.filename == f"{stem}.pth")
+
+
+# ------------------------------------------------------------------------- run targets
+# A target under results/runs/ is either a file a training rule matches (RUN_DIR with RUN_CONSTRAINTS and
+# one of TRAINING_FILES), whose params (hparams_json) refuse a run the config does not ask for, or else
+# rules/targets.smk's no_such_run_file's: instead of Snakemake's bare MissingRuleException for a misspelled
+# variant, size or file name, its input function says what is wrong and which runs the config has. The
+# two never match one path, so that rule is never the fallback for a training that cannot be scheduled.
+def training_file_pattern(framework):
+    parts = {name: f"(?:{pattern})" for name, pattern in RUN_CONSTRAINTS.items()}
+    run_dir = RUN_LAYOUT.format(variant=f"{framework}-{parts['model']}-{parts['init']}", size=parts["size"],
+                                lr=parts["lr"], seed=parts["seed"])
+    return f"{run_dir}/(?:{'|'.join(name.replace('.', r'[.]') for name in TRAINING_FILES[framework])})"
+
+
+NOT_A_TRAINING_FILE = rf"(?!(?:{'|'.join(map(training_file_pattern, ('torch', 'keras')))})$).+"
+
+
+def no_such_run_file(wildcards):
+    path = f"results/runs/{wildcards.path}"
+    raise WorkflowError(run_target_problem(config, path) or f"{path}: no rule makes this file")
