@@ -1,6 +1,8 @@
 import json
 import os
+import shlex
 import sys
+import uuid
 from pathlib import Path
 
 PACKAGE_DIR = Path(workflow.basedir) / "workflow"
@@ -10,6 +12,7 @@ from cnnbench.config import (  # noqa: E402
     INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, learning_rates, loads_weights, parse_size,
     parse_variant, run_hparams, run_name, run_problem, run_target_problem, TRAINING_FILES,
 )
+from cnnbench import preflight  # noqa: E402
 from cnnbench.gpu_slot import export_pool  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, conclusions_text  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, offline_files, offline_table, published_files, RELEASES, weights_path  # noqa: E402
@@ -85,16 +88,22 @@ def check_images(images):
             )
 
 
+def package_bind():
+    return f"--bind {shlex.quote(f'{PACKAGE_DIR}:{PACKAGE_DIR}:ro')}"
+
+
 def bind_package_dir():
     """Jobs import cnnbench from PACKAGE_DIR; Apptainer binds only the working directory, so bind
     the package too when the working directory (--directory) is elsewhere."""
-    import shlex
-
     if PACKAGE_DIR.resolve().is_relative_to(Path.cwd().resolve()):
         return
-    bind = f"--bind {shlex.quote(f'{PACKAGE_DIR}:{PACKAGE_DIR}:ro')}"
-    if bind not in workflow.deployment_settings.apptainer_args:
-        workflow.deployment_settings.apptainer_args += f" {bind}"
+    if package_bind() not in workflow.deployment_settings.apptainer_args:
+        workflow.deployment_settings.apptainer_args += f" {package_bind()}"
+
+
+def given_apptainer_args():
+    """The apptainer args the command line or the profile gave, without bind_package_dir's."""
+    return workflow.deployment_settings.apptainer_args.replace(f" {package_bind()}", "").strip()
 
 # Every job runs `python -m cnnbench.<module>` with the package on the path, in a container too
 # (Apptainer mounts the working directory; bind_package_dir() binds the package when it lies outside).
@@ -237,3 +246,21 @@ NOT_A_TRAINING_FILE = rf"(?!(?:{'|'.join(map(training_file_pattern, ('torch', 'k
 def no_such_run_file(wildcards):
     path = f"results/runs/{wildcards.path}"
     raise WorkflowError(run_target_problem(config, path) or f"{path}: no rule makes this file")
+
+
+# ------------------------------------------------------------------- preflight (rules/preflight.smk)
+# A new value each time Snakemake starts: as a param of the probes, it has Snakemake rerun them (its params
+# rerun trigger) even where an interrupted preflight left a probe's file behind.
+PREFLIGHT_INVOCATION = uuid.uuid4().hex
+
+
+def preflight_probes(wildcards):
+    """One probe per framework the config's variants use, where its trainings run."""
+    return [f"results/preflight/{framework}.json" for framework in preflight.frameworks(config)]
+
+
+def preflight_route():
+    """Containers or not (--use-singularity), and the apptainer args given."""
+    if not using_apptainer():
+        return preflight.Route(containers=False)
+    return preflight.Route(containers=True, apptainer_args=given_apptainer_args())
