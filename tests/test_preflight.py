@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -239,7 +240,6 @@ def installed(distribution: str) -> bool:
 def torch_fix_for_an_old_driver() -> str:
     """This venv's torch on a CUDA 12 driver: its CUDA 13 build needs cu126 (a CPU-only build, the GPU venv)."""
     import importlib.util
-    import re
 
     version_py = Path(importlib.util.find_spec("torch").submodule_search_locations[0]) / "version.py"
     cuda = re.search(r"^cuda(?:: [^=]+)? = '([^']+)'", version_py.read_text(), re.M)
@@ -308,3 +308,14 @@ def test_preflight_in_images_started_without_nv_says_add_nv(tmp_path):
     assert add_nv in rows["keras (tensorflow)"]["fix"]
     execs = [json.loads(line) for line in (tmp_path / "apptainer.log").read_text().splitlines()]
     assert len(execs) == 2 and all("--bind" in options and "--nv" not in options for options in execs)
+
+
+def test_preflight_is_a_target_of_its_own_and_the_workflow_lints_clean(tmp_path):
+    environ = environ_without_gpus([])
+    code, listed = snakemake(tmp_path, "--list-target-rules", environ=environ)
+    assert code == 0 and "preflight" in listed.split()
+    code, plan = snakemake(tmp_path, "-n", environ=environ)  # `all`: the trainings, no preflight
+    jobs = re.findall(r"^(\w+)\s+\d+$", plan.split("Job stats:", 1)[1].split("total", 1)[0], re.M)
+    assert code == 0 and "train_torch" in jobs and not [job for job in jobs if "preflight" in job], plan[-3000:]
+    code, lint = snakemake(tmp_path, "--lint", environ=environ)
+    assert code == 0 and "Congratulations, your workflow is in a good condition!" in lint, lint[-5000:]
