@@ -1,7 +1,8 @@
 # make demo: create .venv, install, run the demo workflow (results in results/)
 # make test: create .venv, install, run the whole test suite
-# make venv GPU=1: for GPU hosts, CUDA builds of torch (TORCH_CUDA, default cu130) and TensorFlow
-#   (requirements-gpu.txt) instead of requirements.txt's CPU TensorFlow
+# make venv: where `nvidia-smi -L` lists a GPU, CUDA builds of torch (TORCH_CUDA, default cu130) and
+#   TensorFlow (requirements-gpu.txt, as GPU=1 forces); elsewhere requirements.txt's CPU TensorFlow
+#   (as GPU=0 forces). demo and test make the venv first, so they follow the same choice.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,8 +14,16 @@ CORES ?= all
 TEST_WORKERS ?= 2
 
 CONTAINER_BUILD_ARGS ?=
-GPU ?= 0
 TORCH_CUDA ?= cu130
+CUDA_BUILDS = installing the CUDA builds of torch ($(TORCH_CUDA)) and TensorFlow, requirements-gpu.txt
+# GPU unset: 1 where `nvidia-smi -L` lists a GPU (its "GPU 0: ..." lines), else 0.
+ifeq ($(origin GPU),undefined)
+NVIDIA_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+GPU := $(if $(filter-out 0,$(NVIDIA_GPUS)),1,0)
+GPU_CHOICE := nvidia-smi lists $(NVIDIA_GPUS) GPU(s): $(CUDA_BUILDS) (GPU=0 for the CPU ones)
+else
+GPU_CHOICE := GPU=$(GPU): $(CUDA_BUILDS)
+endif
 ifeq ($(GPU),1)
 VENV_READY := $(VENV)/.requirements-gpu-$(TORCH_CUDA)
 else
@@ -33,6 +42,7 @@ $(BIN)/snakemake: requirements.txt
 
 # tensorflow-cpu and tensorflow share their files: one left from a CPU venv would break the other.
 $(VENV)/.requirements-gpu-$(TORCH_CUDA): requirements-gpu.txt
+	@echo "make venv: $(GPU_CHOICE)"
 	$(NEEDS_VENV_MODULE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

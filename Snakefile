@@ -3,6 +3,7 @@
     snakemake --cores all                                      # everything, no containers
     snakemake --use-singularity --cores 1 --resources gpu=1    # each trainer in its image
     snakemake --configfile config/demo.yaml --cores all        # small synthetic demo
+    snakemake --cores 1 preflight                              # will the trainings see the GPU? (seconds)
 """
 
 import os
@@ -39,7 +40,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/targets.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/preflight.smk"
 
 
 # The metrics files are inputs of `all` too: Snakemake reruns a job with a missing output only when

@@ -319,3 +319,74 @@ def test_the_readme_study_estimate_is_the_arithmetic_on_the_study_config():
     assert f"{round(per_run):,} training-image equivalents" in study_page
     assert f"{per_run * runs / 1e6:.0f} million" in study_page
     assert f"about {math.floor(hours + 0.5)} A100 GPU-hours" in study_page
+
+
+# --------------------------------------------------------------------------------- run targets
+DEMO_VARIANTS = "torch-alexnet-scratch, keras-alexnet-scratch, torch-alexnet-pretrained, keras-vgg16-pretrained"
+
+
+def dry_run_target(target: str, *config_args, directory: Path):
+    """`snakemake -n TARGET` on the demo config (with `--config` arguments, if any)."""
+    config = ["--config", *config_args] if config_args else []
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(directory),
+         "--configfile", str(REPO / "config" / "demo.yaml"), "--cores", "1", target, *config],
+        capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+RUN = "results/runs/torch-alexnet-scratch/nall-lr0.02/seed0"  # a run of the demo config
+
+
+@pytest.mark.parametrize("target, says", [
+    ("results/runs/torch-alexnet-scrach/nall-lr0.02/seed0/metrics.json",  # a misspelled variant: no rule matches
+     ["results/runs/torch-alexnet-scrach/nall-lr0.02/seed0 is not a run of this config: torch-alexnet-scrach is "
+      f"not a variant (did you mean torch-alexnet-scratch?). This config's variants are {DEMO_VARIANTS}; every "
+      f"valid one: {', '.join(VALID_VARIANTS)}"]),
+    ("results/runs/torch-vgg16-scratch/nall-lr0.02/seed0/metrics.json",  # valid, but not one of the config's
+     [f"torch-vgg16-scratch is not one of its variants ({DEMO_VARIANTS}). To train it, add it to the config, e.g. "
+      "`snakemake --cores all results/runs/torch-vgg16-scratch/nall-lr0.02/seed0/metrics.json --config "
+      f"'variants=[{DEMO_VARIANTS}, torch-vgg16-scratch]'` (--config last"]),
+    (f"{RUN.replace('seed0', 'seed3')}/model.pt",
+     ["seed3 is not a run of this config: its seeds are 0 (seeds). To train it, add it to the config, e.g. "
+      f"`snakemake --cores all {RUN.replace('seed0', 'seed3')}/metrics.json --config 'seeds=[0, 3]'`"]),
+    ("results/runs/torch-alexnet-scratch/n10-lr0.02/seed0/metrics.json",
+     ["its sizes are nall (train_sizes) and torch-alexnet-scratch's learning rates lr0.02"]),
+    ("results/runs/torch-alexnet-scratch/nall-lr0.1/seed0/metrics.json",
+     ["its sizes are nall (train_sizes) and torch-alexnet-scratch's learning rates lr0.02"]),
+    ("results/runs/torch-alexnet-scratch/nten-lr0.02/seed0/metrics.json", ["its sizes are nall"]),
+    (f"{RUN}/model.keras", [f"{RUN}/model.keras is no file the workflow makes: a torch-alexnet-scratch run "
+                            "makes metrics.json, model.pt, train.log"]),
+    ("results/runs/torch-alexnet-scratch/metrics.json",
+     ["results/runs/torch-alexnet-scratch/metrics.json is no file the workflow makes: a run's are "
+      f"results/runs/{{variant}}/n{{size}}-lr{{lr}}/seed{{seed}}/metrics.json (and model.pt or model.keras, "
+      f"train.log), e.g. {RUN}/metrics.json"]),
+])
+def test_a_run_target_outside_the_config_is_refused_naming_the_runs_it_has(target, says, tmp_path):
+    code, output = dry_run_target(target, directory=tmp_path)
+    assert code != 0
+    for text in says:
+        assert text in output, output[-3000:]
+    assert "MissingRuleException" not in output
+
+
+@pytest.mark.parametrize("target, config_args", [
+    ("results/runs/torch-vgg16-scratch/nall-lr0.02/seed0/metrics.json", [f"variants=[{DEMO_VARIANTS}, "
+                                                                          "torch-vgg16-scratch]"]),
+    (f"{RUN.replace('seed0', 'seed3')}/model.pt", ["seeds=[0, 3]"]),
+    (f"{RUN}/metrics.json", []),
+    (f"{RUN}/train.log", []),  # a log is a target too: Snakemake runs the job that writes it
+])
+def test_a_run_of_the_config_is_planned_with_the_config_the_refusal_names(target, config_args, tmp_path):
+    code, output = dry_run_target(target, *config_args, directory=tmp_path)
+    assert code == 0, output[-3000:]
+    assert re.search(r"^train_torch\s+1$", output, re.M) and "no_such_run_file" not in output
+
+
+def test_a_run_whose_training_cannot_be_scheduled_says_why_not_that_it_is_unknown(tmp_path):
+    """The catch-all rule for unknown run files never stands in for a training that lacks an input."""
+    missing_images = "data={source: imagefolder, imagefolder: {path: /nonexistent}}"
+    code, output = dry_run_target(f"{RUN}/metrics.json", missing_images, directory=tmp_path)
+    assert code != 0
+    assert "Missing input files for rule prepare_data" in output and "/nonexistent" in output
+    assert "no_such_run_file" not in output and "is not a run of this config" not in output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from importlib import metadata
 
 import jsonschema
 import pytest
@@ -118,6 +119,14 @@ def test_check_gpu_false_never_stops_true_always_auto_when_expected():
         check_gpu(True, True, TORCH_CU130, unexpected)
 
 
+def installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def fake_nvidia_smi(directory, script: str) -> str:
     directory.mkdir(exist_ok=True)
     path = directory / "nvidia-smi"
@@ -184,7 +193,10 @@ def test_gpu_facts_in_the_metrics_environment(tmp_path):
     assert torch_facts["count"] == 2 and torch_facts["peak_memory_bytes"] == 123456789
     assert torch_facts["cuda_version"] is not None and torch_facts["cudnn_version"].count(".") == 2  # cu130 torch
     assert keras_facts["tensorflow"]["peak_memory_bytes"] == 987654321
-    assert keras_facts["tensorflow"]["cuda_version"] is None  # tensorflow-cpu reports no CUDA build
+    if installed("tensorflow-cpu"):  # requirements.txt's: no CUDA build (make venv on a host without GPUs)
+        assert keras_facts["tensorflow"]["cuda_version"] is None
+    else:  # requirements-gpu.txt's tensorflow[and-cuda] (make venv where nvidia-smi lists a GPU)
+        assert keras_facts["tensorflow"]["cuda_version"] is not None
     assert keras_facts["jax"] == {"name": "Stand-in GPU", "count": 1, "driver_version": "570.86.15",
                                   "cuda_version": None, "cudnn_version": None, "peak_memory_bytes": 55555}
     jsonschema.validate(None, gpu_schema)  # the CPU's

@@ -11,6 +11,7 @@ without a check here fails the test.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from conftest import REPO, linked_checkout, require_tool, run_in_checkout, skip_
 DRY, REAL, CI, DEMO, AFTER_DEMO = "dry run", "real", "run by .ci/run", "make demo", "real, over the demo results"
 MAKE_DRY = "make -n"  # what the recipe would run (installs from indexes CI cannot reach, image builds)
 GPU = "real: passes with a GPU, fails naming CNNBENCH_REQUIRE_GPU without one"
+PREFLIGHT = "real: tests/test_preflight.py runs it as written"
 CHECKS = {
     "make demo": DEMO,
     "make test": CI,
@@ -39,6 +41,9 @@ CHECKS = {
     "snakemake --profile profiles/slurm": DRY,
     "snakemake --profile profiles/slurm --use-singularity": DRY,
     "snakemake --configfile config/full.yaml --cores 1 offline_files": REAL,
+    "snakemake --cores 1 preflight": PREFLIGHT,
+    "snakemake --use-singularity --cores 1 preflight": DRY,
+    "snakemake --profile profiles/slurm preflight": DRY,
     "snakemake --configfile config/demo.yaml --cores all --directory demo-run": DRY,
     "make clean": REAL,
     "make venv": MAKE_DRY,
@@ -52,6 +57,8 @@ MAKE_DRY_RUNS = {
     "make venv GPU=1": "TORCH_CUDA=cu130 .venv/bin/python -m pip install --quiet -r requirements-gpu.txt",
     'make containers CONTAINER_BUILD_ARGS="--torch-cuda cu126"': "containers/build.sh --torch-cuda cu126",
 }
+# `make venv` installs requirements-gpu.txt where `nvidia-smi -L` lists a GPU (tests/test_makefile.py).
+MAKE_DRY_RUNS_ON_A_GPU_HOST = {"make venv": MAKE_DRY_RUNS["make venv GPU=1"]}
 COMMAND = re.compile(r"(?:[A-Z_]+=\S* )*(?:snakemake|make|python -m pytest)( |$)")  # after any VAR=value
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "config" / "README.md"]
 
@@ -161,7 +168,23 @@ def test_make_commands_dry_run(command, tmp_path):
     checkout = linked_checkout(tmp_path / "cnnbench")
     result = run_in_checkout(checkout, "make -n -B" + command.removeprefix("make"))  # -B: whatever is built
     assert result.returncode == 0, result.stderr
-    assert MAKE_DRY_RUNS[command] in result.stdout.splitlines(), result.stdout
+    expected = (MAKE_DRY_RUNS_ON_A_GPU_HOST if lists_a_gpu() else MAKE_DRY_RUNS).get(command, MAKE_DRY_RUNS[command])
+    assert expected in result.stdout.splitlines(), result.stdout
+
+
+def lists_a_gpu() -> bool:
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except OSError:
+        return False
+    return any(line.startswith("GPU ") for line in listing.splitlines())
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == PREFLIGHT])
+def test_preflight_command_is_the_one_its_test_runs(command):
+    from test_preflight import README_COMMAND
+
+    assert command == README_COMMAND
 
 
 @pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == CI])

@@ -207,5 +207,5 @@ def test_a_run_path_outside_the_config_says_which_runs_it_has(tmp_path):
          "--configfile", str(REPO / "config" / "demo.yaml"), "--config", "train_sizes=[10, 20]",
          "--cores", "1", "-n", target], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert ("results/runs/torch-alexnet-scratch/n10-lr0.05 is not a run of this config: its sizes are n10, n20 "
+    assert ("results/runs/torch-alexnet-scratch/n10-lr0.05/seed0 is not a run of this config: its sizes are n10, n20 "
             "(train_sizes) and torch-alexnet-scratch's learning rates lr0.02") in result.stdout + result.stderr

@@ -13,7 +13,9 @@ backbone, its convolutional feature extractor, is frozen and only the classifier
 
 from __future__ import annotations
 
+import difflib
 import itertools
+import re
 from typing import NamedTuple
 
 FRAMEWORKS = ("torch", "keras")
@@ -118,6 +120,67 @@ def configured_runs(config: dict) -> list[tuple[str, int | None, float, int]]:
     return [(variant, size, lr, seed) for variant in config["variants"]
             for size in config.get("train_sizes", [None])
             for lr in learning_rates(config, variant) for seed in config["seeds"]]
+
+
+# The files each framework's training rule makes in a run directory (its outputs and its log).
+TRAINING_FILES = {"torch": ("metrics.json", "model.pt", "train.log"),
+                  "keras": ("metrics.json", "model.keras", "train.log")}
+# RUN_LAYOUT's fields in a path under results/runs/, loosely: a misspelled variant or size still parses.
+RUN_PATH = re.compile(r"results/runs/(?P<variant>[^/]+)/n(?P<size>[^/]*?)-lr(?P<lr>[^/]*)/seed(?P<seed>[^/]*)"
+                      r"/(?P<file>[^/]+)")
+
+
+def _listed(values) -> str:
+    return f"[{', '.join(map(str, values))}]"
+
+
+def run_problem(config: dict, variant: str, size: str, lr: str, seed: str) -> str | None:
+    """Why the run written ``results/runs/{variant}/n{size}-lr{lr}/seed{seed}`` is not one ``config`` asks
+    for, and how to add it; None if it is one. The size, lr and seed are compared as paths write them."""
+    run = f"results/runs/{RUN_LAYOUT.format(variant=variant, size=size, lr=lr, seed=seed)}"
+    variants = list(config["variants"])
+    if variant not in VALID_VARIANTS:
+        close = difflib.get_close_matches(variant, VALID_VARIANTS, n=1)
+        return (f"{run} is not a run of this config: {variant} is not a variant"
+                f"{f' (did you mean {close[0]}?)' if close else ''}. This config's variants are "
+                f"{', '.join(variants)}; every valid one: {', '.join(VALID_VARIANTS)}")
+    problems, additions = [], []
+    if variant not in variants:
+        problems.append(f"{variant} is not one of its variants ({', '.join(variants)})")
+        additions.append(f"variants={_listed([*variants, variant])}")
+    sizes = [format_size(s) for s in config.get("train_sizes", [None])]
+    rates = [format_lr(rate) for rate in learning_rates(config, variant)]
+    if size not in sizes or lr not in rates:
+        problems.append(f"its sizes are n{', n'.join(sizes)} (train_sizes) and {variant}'s learning rates "
+                        f"lr{', lr'.join(rates)} (sweep, or train/init_overrides/variant_overrides)")
+    seeds = [str(s) for s in config["seeds"]]
+    if seed not in seeds:
+        problems.append(f"its seeds are {', '.join(seeds)} (seeds)")
+        additions.append(f"seeds={_listed([*seeds, seed])}" if seed.isdigit() and seed == str(int(seed))
+                         else "seeds=[...] (whole numbers, written without leading zeros)")
+    if not problems:
+        return None
+    how = (f". To train it, add it to the config, e.g. `snakemake --cores all {run}/metrics.json --config "
+           f"{' '.join(repr(a) for a in additions)}` (--config last: it takes every argument after it), or the same "
+           "in your config file" if additions else "")
+    return f"{run} is not a run of this config: {'; '.join(problems)}{how}"
+
+
+def run_target_problem(config: dict, path: str) -> str | None:
+    """Why ``path`` (relative to the working directory) under results/runs/ is no file a training of
+    ``config`` writes; None if it is one."""
+    found = RUN_PATH.fullmatch(path)
+    if found is None:
+        return (f"{path} is no file the workflow makes: a run's are "
+                f"results/runs/{RUN_LAYOUT}/metrics.json (and model.pt or model.keras, train.log), e.g. "
+                f"results/runs/{run_name(*configured_runs(config)[0])}/metrics.json")
+    problem = run_problem(config, *found.group("variant", "size", "lr", "seed"))
+    if problem:
+        return problem
+    files = TRAINING_FILES[parse_variant(found["variant"]).framework]
+    if found["file"] not in files:
+        return f"{path} is no file the workflow makes: a {found['variant']} run makes {', '.join(files)}"
+    return None
 
 
 # ------------------------------------------------------------ the config against its schema

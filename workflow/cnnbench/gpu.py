@@ -2,7 +2,8 @@
 
 Framework-neutral: each trainer passes what its framework reports (``FrameworkBuild``: the CUDA
 version it was built for, or None for a CPU-only build); this module reads the job's environment
-(CUDA_VISIBLE_DEVICES, SLURM's GPU variables), ``nvidia-smi`` and the container, and decides.
+(CUDA_VISIBLE_DEVICES, SLURM's GPU variables), ``nvidia-smi`` and the container, and decides
+(``diagnose``: what the trainings' ``check_gpu`` does and ``snakemake preflight`` reports).
 """
 
 from __future__ import annotations
@@ -135,51 +136,113 @@ def min_driver(cuda: str) -> str | None:
     return MIN_DRIVER_FOR_CUDA.get(major[0]) if major else None
 
 
-def likely_causes(build: FrameworkBuild, host: Host) -> list[str]:
+def driver_too_old(driver: str | None, cuda: str | None) -> bool:
+    """Whether the NVIDIA ``driver`` is known to be older than what a build for ``cuda`` needs."""
+    needed = min_driver(cuda) if cuda else None
+    return bool(driver and needed and _version_tuple(driver) < _version_tuple(needed))
+
+
+# What kind of reason a framework sees no GPU (Cause.kind): what to change differs with each.
+CPU_ONLY_BUILD = "cpu-only build"
+CONTAINER_WITHOUT_DRIVER = "container without the driver"
+DRIVER_TOO_OLD = "driver too old"
+NO_DRIVER = "no driver"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Cause:
+    kind: str   # one of the kinds above
+    text: str   # the sentence, with what to do
+
+
+def diagnosed_causes(build: FrameworkBuild, host: Host) -> list[Cause]:
     """Why ``build`` sees no GPU, most decisive first; each says what to do."""
     causes = []
     if build.cuda is None:
-        causes.append(f"{build.name} is a CPU-only build ({build.cpu_only_evidence}): {build.cuda_install}")
+        causes.append(Cause(CPU_ONLY_BUILD, f"{build.name} is a CPU-only build ({build.cpu_only_evidence}): "
+                                            f"{build.cuda_install}"))
     if host.container and not (host.device_files and host.libcuda):
         missing = " and ".join(what for what, present in (("no /dev/nvidia* devices", host.device_files),
                                                           ("no libcuda.so.1", host.libcuda)) if not present)
-        causes.append(f"this runs in the container {host.container} without the host's NVIDIA driver ({missing}): "
-                      "Apptainer passes the GPU in only with --nv (the workflow's default profile adds it; "
-                      "--singularity-args on the command line replaces the profile's, so repeat --nv there)")
+        causes.append(Cause(CONTAINER_WITHOUT_DRIVER,
+                            f"this runs in the container {host.container} without the host's NVIDIA driver "
+                            f"({missing}): Apptainer passes the GPU in only with --nv (the workflow's default "
+                            "profile adds it; --singularity-args on the command line replaces the profile's, so "
+                            "repeat --nv there)"))
     driver = host.gpus.driver_version
-    needed = min_driver(build.cuda) if build.cuda else None
-    if driver and needed and _version_tuple(driver) < _version_tuple(needed):
-        causes.append(f"the NVIDIA driver {driver} (nvidia-smi) is too old for {build.name}, built for CUDA "
-                      f"{build.cuda}, which needs driver >= {needed}: update the driver, or use a build for an "
-                      "older CUDA (README: *GPUs: CUDA versions and drivers*)")
+    if driver_too_old(driver, build.cuda):
+        causes.append(Cause(DRIVER_TOO_OLD,
+                            f"the NVIDIA driver {driver} (nvidia-smi) is too old for {build.name}, built for CUDA "
+                            f"{build.cuda}, which needs driver >= {min_driver(build.cuda)}: update the driver, or use "
+                            "a build for an older CUDA (README: *GPUs: CUDA versions and drivers*)"))
     elif not host.container and not host.gpus.names and not host.libcuda:
-        causes.append(f"no working NVIDIA driver on this machine "
-                      f"({host.gpus.problem or 'nvidia-smi lists no GPU'}; libcuda.so.1 does not load): "
-                      "run on a GPU node, or have its driver installed")
+        causes.append(Cause(NO_DRIVER, f"no working NVIDIA driver on this machine "
+                                       f"({host.gpus.problem or 'nvidia-smi lists no GPU'}; libcuda.so.1 does not "
+                                       "load): run on a GPU node, or have its driver installed"))
     if not causes:
-        causes.append(f"none of the usual ones (CPU-only build, container without --nv, old driver; {build.name} "
-                      f"is built for CUDA {build.cuda}, driver {driver or 'unknown'}): check that "
-                      "CUDA_VISIBLE_DEVICES names a GPU that exists and that `nvidia-smi` shows it")
+        causes.append(Cause(UNKNOWN, f"none of the usual ones (CPU-only build, container without --nv, old driver; "
+                                     f"{build.name} is built for CUDA {build.cuda}, driver {driver or 'unknown'}): "
+                                     "check that CUDA_VISIBLE_DEVICES names a GPU that exists and that `nvidia-smi` "
+                                     "shows it"))
     return causes
+
+
+def likely_causes(build: FrameworkBuild, host: Host) -> list[str]:
+    return [cause.text for cause in diagnosed_causes(build, host)]
+
+
+CPU_WARNING = "no GPU visible: training on the CPU, which is far slower"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a training does about its GPU (``diagnose``): train on it, stop before loading data, or
+    train on the CPU."""
+    sees_gpu: bool
+    stops: bool                       # the training stops (check_gpu raises) with ``message``
+    message: str                      # its error, or its warning when it trains on the CPU ("" on the GPU)
+    expected: tuple[str, ...] | None  # why a GPU was meant (expected_because); None: not looked up
+    causes: tuple[Cause, ...] = ()    # why the framework sees none, where a GPU was meant or required
+
+    @property
+    def label(self) -> str:
+        if self.sees_gpu:
+            return "ok"
+        if self.stops:
+            return "WILL FAIL"
+        return "CPU (require_gpu: false)" if self.expected is None or self.expected else "no GPU expected"
+
+
+def diagnose(require_gpu, sees_gpu: bool, build: FrameworkBuild, host: Host | None = None) -> Verdict:
+    """The decision ``require_gpu`` makes (true, "auto" or false) when ``build`` does or does not see a
+    GPU on ``host`` (default: this process's; not looked up for require_gpu false unless given)."""
+    if sees_gpu:
+        return Verdict(True, False, "", ())
+    if require_gpu is False and host is None:
+        return Verdict(False, False, CPU_WARNING, None)
+    host = host or current_host()
+    reasons = tuple(expected_because(host))
+    causes = tuple(diagnosed_causes(build, host)) if require_gpu is True or reasons else ()
+    if require_gpu is False or not (require_gpu is True or reasons):
+        return Verdict(False, False, CPU_WARNING, reasons, causes)
+    why = "require_gpu is true" if require_gpu is True else f"a GPU was expected ({'; '.join(reasons)})"
+    texts = [cause.text for cause in causes]
+    listed = f"{texts[0]}." if len(texts) == 1 else " ".join(f"({i}) {c}." for i, c in enumerate(texts, 1))
+    return Verdict(False, True, f"{why} but {build.name} sees none, so this run would train on the CPU. "
+                                f"Likely cause: {listed} To train on the CPU anyway, set require_gpu: false (in "
+                                "`train`, or per variant in variant_overrides). No data was loaded, no metrics "
+                                "were written.", reasons, causes)
 
 
 def check_gpu(require_gpu, sees_gpu: bool, build: FrameworkBuild, host: Host | None = None) -> None:
     """Stop before any data is loaded when a GPU was required (``true``) or, with ``auto``, expected
-    but ``build`` sees none; otherwise warn that the run trains on the CPU."""
-    if sees_gpu:
-        return
-    if require_gpu is not False:
-        host = host or current_host()
-        reasons = expected_because(host)
-        if require_gpu is True or reasons:
-            why = "require_gpu is true" if require_gpu is True else f"a GPU was expected ({'; '.join(reasons)})"
-            causes = likely_causes(build, host)
-            listed = causes[0] if len(causes) == 1 else " ".join(f"({i}) {c}." for i, c in enumerate(causes, 1))
-            raise TrainingError(
-                f"{why} but {build.name} sees none, so this run would train on the CPU. "
-                f"Likely cause: {listed} To train on the CPU anyway, set require_gpu: false (in `train`, or "
-                "per variant in variant_overrides). No data was loaded, no metrics were written.")
-    warnings.warn("no GPU visible: training on the CPU, which is far slower", stacklevel=3)
+    but ``build`` sees none; otherwise warn that the run trains on the CPU (``diagnose`` decides)."""
+    verdict = diagnose(require_gpu, sees_gpu, build, host)
+    if verdict.stops:
+        raise TrainingError(verdict.message)
+    if not sees_gpu:
+        warnings.warn(verdict.message, stacklevel=3)
 
 
 def cudnn_version_string(version: int | None) -> str | None:

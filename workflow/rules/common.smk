@@ -1,15 +1,18 @@
 import json
 import os
+import shlex
 import sys
+import uuid
 from pathlib import Path
 
 PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import (  # noqa: E402
-    INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, format_size, learning_rates, loads_weights,
-    parse_size, parse_variant, run_hparams, run_name,
+    INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, learning_rates, loads_weights, parse_size,
+    parse_variant, run_hparams, run_name, run_problem, run_target_problem, TRAINING_FILES,
 )
+from cnnbench import preflight  # noqa: E402
 from cnnbench.gpu_slot import export_pool  # noqa: E402
 from cnnbench.report import OUTPUTS as REPORT_OUTPUTS, caption_facts, conclusions_text  # noqa: E402
 from cnnbench.weights import PORTED_SUFFIX, offline_files, offline_table, published_files, RELEASES, weights_path  # noqa: E402
@@ -85,16 +88,22 @@ def check_images(images):
             )
 
 
+def package_bind():
+    return f"--bind {shlex.quote(f'{PACKAGE_DIR}:{PACKAGE_DIR}:ro')}"
+
+
 def bind_package_dir():
     """Jobs import cnnbench from PACKAGE_DIR; Apptainer binds only the working directory, so bind
     the package too when the working directory (--directory) is elsewhere."""
-    import shlex
-
     if PACKAGE_DIR.resolve().is_relative_to(Path.cwd().resolve()):
         return
-    bind = f"--bind {shlex.quote(f'{PACKAGE_DIR}:{PACKAGE_DIR}:ro')}"
-    if bind not in workflow.deployment_settings.apptainer_args:
-        workflow.deployment_settings.apptainer_args += f" {bind}"
+    if package_bind() not in workflow.deployment_settings.apptainer_args:
+        workflow.deployment_settings.apptainer_args += f" {package_bind()}"
+
+
+def given_apptainer_args():
+    """The apptainer args the command line or the profile gave, without bind_package_dir's."""
+    return workflow.deployment_settings.apptainer_args.replace(f" {package_bind()}", "").strip()
 
 # Every job runs `python -m cnnbench.<module>` with the package on the path, in a container too
 # (Apptainer mounts the working directory; bind_package_dir() binds the package when it lies outside).
@@ -117,13 +126,17 @@ if using_apptainer():
     bind_package_dir()
 
 
+RUN_CONSTRAINTS = {"framework": "torch|keras", "model": "|".join(MODELS), "init": "|".join(INITS),
+                   "seed": r"\d+", "size": r"all|\d+", "lr": r"\d[0-9.e+-]*"}
+
+
 wildcard_constraints:
-    framework="torch|keras",
-    model="|".join(MODELS),
-    init="|".join(INITS),
-    seed=r"\d+",
-    size=r"all|\d+",
-    lr=r"\d[0-9.e+-]*",
+    framework=RUN_CONSTRAINTS["framework"],
+    model=RUN_CONSTRAINTS["model"],
+    init=RUN_CONSTRAINTS["init"],
+    seed=RUN_CONSTRAINTS["seed"],
+    size=RUN_CONSTRAINTS["size"],
+    lr=RUN_CONSTRAINTS["lr"],
 
 
 def variant_name(wildcards):
@@ -131,16 +144,13 @@ def variant_name(wildcards):
 
 
 def hparams_json(wildcards):
-    """The run's hyperparameters; its size and lr must be ones the config asks for (else it says which)."""
-    variant, size = variant_name(wildcards), parse_size(wildcards.size)
+    """The run's hyperparameters; it must be a run the config asks for (else it says which it has)."""
+    variant = variant_name(wildcards)
+    problem = run_problem(config, variant, wildcards.size, wildcards.lr, wildcards.seed)
+    if problem:
+        raise WorkflowError(problem)
     lrs = {format_lr(lr): lr for lr in learning_rates(config, variant)}
-    sizes = [format_size(s) for s in config["train_sizes"]]
-    if wildcards.lr not in lrs or wildcards.size not in sizes:
-        raise WorkflowError(
-            f"results/runs/{variant}/n{wildcards.size}-lr{wildcards.lr} is not a run of this config: its "
-            f"sizes are n{', n'.join(sizes)} (train_sizes) and {variant}'s learning rates lr"
-            f"{', lr'.join(lrs)} (sweep, or train/init_overrides/variant_overrides)")
-    return json.dumps(run_hparams(config, variant, size, lrs[wildcards.lr]), sort_keys=True)
+    return json.dumps(run_hparams(config, variant, parse_size(wildcards.size), lrs[wildcards.lr]), sort_keys=True)
 
 
 def pretrained_weights(wildcards):
@@ -215,3 +225,42 @@ def torch_model_of(stem):
     """The model whose torchvision weights file has this stem (for the port rule)."""
     return next(model for (fw, model), spec in published_files()
                 if fw == "torch" and spec.filename == f"{stem}.pth")
+
+
+# ------------------------------------------------------------------------- run targets
+# A target under results/runs/ is either a file a training rule matches (RUN_DIR with RUN_CONSTRAINTS and
+# one of TRAINING_FILES), whose params (hparams_json) refuse a run the config does not ask for, or else
+# rules/targets.smk's no_such_run_file's: instead of Snakemake's bare MissingRuleException for a misspelled
+# variant, size or file name, its input function says what is wrong and which runs the config has. The
+# two never match one path, so that rule is never the fallback for a training that cannot be scheduled.
+def training_file_pattern(framework):
+    parts = {name: f"(?:{pattern})" for name, pattern in RUN_CONSTRAINTS.items()}
+    run_dir = RUN_LAYOUT.format(variant=f"{framework}-{parts['model']}-{parts['init']}", size=parts["size"],
+                                lr=parts["lr"], seed=parts["seed"])
+    return f"{run_dir}/(?:{'|'.join(name.replace('.', r'[.]') for name in TRAINING_FILES[framework])})"
+
+
+NOT_A_TRAINING_FILE = rf"(?!(?:{'|'.join(map(training_file_pattern, ('torch', 'keras')))})$).+"
+
+
+def no_such_run_file(wildcards):
+    path = f"results/runs/{wildcards.path}"
+    raise WorkflowError(run_target_problem(config, path) or f"{path}: no rule makes this file")
+
+
+# ------------------------------------------------------------------- preflight (rules/preflight.smk)
+# A new value each time Snakemake starts: as a param of the probes, it has Snakemake rerun them (its params
+# rerun trigger) even where an interrupted preflight left a probe's file behind.
+PREFLIGHT_INVOCATION = uuid.uuid4().hex
+
+
+def preflight_probes(wildcards):
+    """One probe per framework the config's variants use, where its trainings run."""
+    return [f"results/preflight/{framework}.json" for framework in preflight.frameworks(config)]
+
+
+def preflight_route():
+    """Containers or not (--use-singularity), and the apptainer args given."""
+    if not using_apptainer():
+        return preflight.Route(containers=False)
+    return preflight.Route(containers=True, apptainer_args=given_apptainer_args())
