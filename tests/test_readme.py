@@ -22,6 +22,7 @@ DRY, REAL, CI, DEMO, AFTER_DEMO = "dry run", "real", "run by .ci/run", "make dem
 MAKE_DRY = "make -n"  # what the recipe would run (installs from indexes CI cannot reach, image builds)
 GPU = "real: passes with a GPU, fails naming CNNBENCH_REQUIRE_GPU without one"
 PREFLIGHT = "real: tests/test_preflight.py runs it as written"
+PREFLIGHT_DRY = "dry run: plans the preflight's probes and table, no training"
 CHECKS = {
     "make demo": DEMO,
     "make test": CI,
@@ -42,8 +43,8 @@ CHECKS = {
     "snakemake --profile profiles/slurm --use-singularity": DRY,
     "snakemake --configfile config/full.yaml --cores 1 offline_files": REAL,
     "snakemake --cores 1 preflight": PREFLIGHT,
-    "snakemake --use-singularity --cores 1 preflight": DRY,
-    "snakemake --profile profiles/slurm preflight": DRY,
+    "snakemake --use-singularity --cores 1 preflight": PREFLIGHT_DRY,
+    "snakemake --profile profiles/slurm preflight": PREFLIGHT_DRY,
     "snakemake --configfile config/demo.yaml --cores all --directory demo-run": DRY,
     "make clean": REAL,
     "make venv": MAKE_DRY,
@@ -160,6 +161,19 @@ def test_training_commands_dry_run(command, tmp_path):
     if threads is not None:
         listed = training_threads(output)
         assert listed and set(listed) == {threads}, (threads, listed, output[-3000:])
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == PREFLIGHT_DRY])
+def test_preflight_commands_dry_run(command, tmp_path):
+    needs_images(command)
+    checkout = linked_checkout(tmp_path / "cnnbench")
+    result = run_in_checkout(checkout, f"{command} -n")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "This was a dry-run" in output
+    for rule in ("preflight_torch", "preflight_keras", "preflight"):
+        assert re.search(rf"^{rule}\s+1$", output, re.M), output[-3000:]
+    assert not re.search(r"^train_(torch|keras)\s+\d+$", output, re.M), output[-3000:]
 
 
 @pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == MAKE_DRY])
