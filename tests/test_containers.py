@@ -19,7 +19,8 @@ import pytest
 
 from cnnbench.data import load_prepared
 from cnnbench.metrics import load_metrics
-from conftest import NO_DEMO_MIN_STEPS, REPO, removed_unless_failed, require_tool, run_dir, skip_or_fail
+from conftest import (DEFAULT_HPARAMS, NO_DEMO_MIN_STEPS, PACKAGE_DIR, REPO, removed_unless_failed, require_tool,
+                      run_dir, skip_or_fail)
 from test_workflow import PARAMETERS
 
 IMAGES = {"torch": REPO / "containers" / "torch.sif", "keras": REPO / "containers" / "tensorflow.sif"}
@@ -127,3 +128,30 @@ def test_images_are_labelled_with_framework_and_versions(images):
                                   text=True, check=True, timeout=300).stdout.strip().splitlines()[-1]
         assert labels["cnnbench.cuda_build"] == reported
         assert "nvidia-ml-py==13.615.71" in labels["cnnbench.requirements"]  # energy through NVML
+
+
+def test_torch_image_trains_a_compiled_model(images, tiny_dataset, tmp_path):
+    # torch.compile (`compile: auto` on a GPU) builds C code at the first compiled step: Inductor's C++ kernels
+    # on the CPU, Triton's launcher on a GPU. The image must carry the compiler and the Python headers.
+    hp = {**DEFAULT_HPARAMS, "compile": "on", "max_steps_per_epoch": 2,
+          "eval_batch_size": 10}  # one batch shape for validation (20 images) and test (30): one eval graph
+    run, cache = tmp_path / "run", tmp_path / "inductor-cache"
+    binds = [f"{PACKAGE_DIR}:{PACKAGE_DIR}:ro", f"{tiny_dataset.parent}:{tiny_dataset.parent}:ro", str(tmp_path)]
+    # An empty cache: kernels an earlier run (or the host's torch) compiled would hide a missing compiler.
+    settings = f"PYTHONPATH={PACKAGE_DIR},TORCHINDUCTOR_CACHE_DIR={cache}"
+    trainer = ["python", "-m", "cnnbench.torch_trainer", "--variant", "torch-alexnet-scratch", "--seed", "0",
+               "--data", str(tiny_dataset), "--hparams", json.dumps(hp), "--run-dir", str(run),
+               "--metrics", str(run / "metrics.json"), "--model-out", str(run / "model.pt")]
+    result = subprocess.run(["apptainer", "exec", *(f"--bind={bind}" for bind in binds), "--env", settings,
+                             str(images["torch"]), *trainer], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert "compiling the model with torch.compile (compile: on)" in result.stderr
+    metrics = load_metrics(run / "metrics.json")  # validates against the schema
+    assert metrics["environment"]["compiled"] is True and metrics["environment"]["device"] == "cpu"
+    assert metrics["compile_seconds"] > 0 and "warm-up (compiled)" in result.stderr  # compiled before epoch 1
+    assert Path(metrics["environment"]["container"]).resolve() == images["torch"].resolve()
+    assert len(metrics["history"]) == 1
+    trained = 2 * hp["batch_size"]  # max_steps_per_epoch steps of a batch
+    assert f"| {trained}.0/{trained}.0 [" in result.stderr  # the epoch's progress bar at its end
+    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
+    assert any(cache.rglob("*.so")), f"Inductor compiled no kernel into {cache}"
