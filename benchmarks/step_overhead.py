@@ -119,7 +119,7 @@ def torch_worker(args, run_dir: Path) -> dict:
     stop = StopRequested(run_dir)
 
     def trainer_epoch(seed):
-        train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, seed, stop, "trainer")
+        train_one_epoch(model, optimizer, scheduler, x, y, preprocess, hp, device, ran, seed, stop, "trainer")
 
     plain_model, plain_optimizer = build()
 

@@ -79,6 +79,8 @@ class Float32Linear(nn.Linear):
     them are float32. A subclass of nn.Linear: state_dict keys, saved models and ports stay the same."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device (FLOP counting)
+            return super().forward(x.float())
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
