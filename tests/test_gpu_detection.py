@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from importlib import metadata
 
 import jsonschema
 import pytest
@@ -16,6 +15,7 @@ from cnnbench.gpu import (FrameworkBuild, Host, HostGpus, check_gpu, cudnn_versi
                           likely_causes, min_driver, query_nvidia_smi)
 from cnnbench.metrics import schema
 from cnnbench.training import TrainingError
+from cnnbench.keras_trainer import installed
 from conftest import run_python
 
 H200 = HostGpus(names=("NVIDIA H200",), driver_version="470.57.02")
@@ -119,12 +119,6 @@ def test_check_gpu_false_never_stops_true_always_auto_when_expected():
         check_gpu(True, True, TORCH_CU130, unexpected)
 
 
-def installed(distribution: str) -> bool:
-    try:
-        metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def fake_nvidia_smi(directory, script: str) -> str:

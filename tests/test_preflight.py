@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import pytest
 from cnnbench import preflight
 from cnnbench.gpu import FrameworkBuild, Host, HostGpus, check_gpu, diagnose
 from cnnbench.training import TrainingError
+from cnnbench.keras_trainer import installed
 from conftest import DEFAULT_HPARAMS, REPO, layered_config, linked_checkout, run_in_checkout, run_module
 
 README_COMMAND = "snakemake --cores 1 preflight"  # README.md's, run as written (tests/test_readme.py)
@@ -229,12 +229,6 @@ def snakemake(workdir: Path, *args, environ: dict):
     return result.returncode, result.stdout + result.stderr
 
 
-def installed(distribution: str) -> bool:
-    try:
-        metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def torch_fix_for_an_old_driver() -> str:

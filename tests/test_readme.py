@@ -148,14 +148,20 @@ def training_threads(dry_run: str) -> list[int]:
     return [int(match.group(1)) if match else 1 for match in threads]
 
 
-@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == DRY])
-def test_training_commands_dry_run(command, tmp_path):
+def dry_run(command: str, tmp_path) -> str:
+    """``command -n`` from the root of a linked checkout; its output, once it succeeded as a dry run."""
     needs_images(command)
     checkout = linked_checkout(tmp_path / "cnnbench")
     result = run_in_checkout(checkout, f"{command} -n")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "This was a dry-run" in output
+    return output
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == DRY])
+def test_training_commands_dry_run(command, tmp_path):
+    output = dry_run(command, tmp_path)
     assert re.search(r"^train_(torch|keras)\s+\d+$", output, re.M), output[-3000:]  # it would train
     threads = expected_training_threads(command)
     if threads is not None:
@@ -165,12 +171,7 @@ def test_training_commands_dry_run(command, tmp_path):
 
 @pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how == PREFLIGHT_DRY])
 def test_preflight_commands_dry_run(command, tmp_path):
-    needs_images(command)
-    checkout = linked_checkout(tmp_path / "cnnbench")
-    result = run_in_checkout(checkout, f"{command} -n")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    assert "This was a dry-run" in output
+    output = dry_run(command, tmp_path)
     for rule in ("preflight_torch", "preflight_keras", "preflight"):
         assert re.search(rf"^{rule}\s+1$", output, re.M), output[-3000:]
     assert not re.search(r"^train_(torch|keras)\s+\d+$", output, re.M), output[-3000:]
