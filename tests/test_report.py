@@ -152,7 +152,7 @@ def test_frozen_runs_are_summarized_and_compared_beside_pretrained(tmp_path):
     assert "| frozen - scratch (torch vgg16)" in markdown and "| keras-vgg16-frozen" in markdown
     frozen_only = [f for f in files if "frozen" in str(f)]
     facts = report.summary_facts([json.loads(f.read_text()) for f in frozen_only])
-    assert facts["weights"] == ["standin"]
+    assert facts["weights"] == ["standin (sha256 bbbbbbbb)"]
 
 
 def test_markdown_and_plots(tmp_path, metrics_files):
@@ -230,7 +230,7 @@ def test_summary_says_what_it_holds_and_which_expected_runs_are_missing(tmp_path
     assert ("Summarized runs (3): keras-vgg16-pretrained/nall-lr0.01/seed0, torch-alexnet-scratch/nall-lr0.01/seed0, "
             "torch-vgg16-scratch/nall-lr0.01/seed0. "
             "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64") in markdown
-    assert "pretrained weights: standin" in markdown
+    assert "pretrained weights: standin (sha256 bbbbbbbb)" in markdown
     assert ("Missing: 1 of the 4 expected runs have no results here: keras-vgg16-pretrained/nall-lr0.01/seed1."
             in markdown)
     facts = json.loads((tmp_path / "out" / "summary_facts.json").read_text())
@@ -262,7 +262,7 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
 
     html = (tmp_path / "results" / "report.html").read_text()
     assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
-    assert "pretrained weights: standin" in html
+    assert "pretrained weights: standin (sha256 bbbbbbbb)" in html
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
     assert ("<strong>Missing: 52 of the 54 expected runs have no results here: "
             "keras-alexnet-frozen/nall-lr0.01/seed0") in html

@@ -149,7 +149,8 @@ def test_pretrained_training_records_the_weights(framework, model, weights_name,
     assert metrics["energy"] == {"joules": None, "method": None, "sample_hz": None, "gpus": []}
     assert [epoch["energy_joules"] for epoch in metrics["history"]] == [None]
     assert result.stderr.count("energy: not measured (NVML cannot start: NVML Shared Library Not Found)") == 1
-    assert metrics["weights"] == {"source": "standin", "sha256": file_digest(weights)}
+    assert metrics["weights"] == {"source": "standin", "sha256": file_digest(weights), "origin_sha256": file_digest(weights),
+                                  "path": str(weights), "classes": None}
     assert metrics["init"] == "pretrained"
     assert metrics["config"]["preprocessing"] == preprocessing  # DEFAULT_HPARAMS ask for auto
     if framework == "keras":  # the saved model reloads, its input transform included
@@ -199,6 +200,7 @@ def test_frozen_training_keeps_the_backbone_bit_identical_to_the_weights_file(fr
     layer equals the file's, bit for bit, while the classifier's file-loaded layers (fc1, fc2) moved."""
     weights = tmp_path / "alexnet-owt-7be5be79.pth"
     run_module("torch_models", "standin", "--model", "alexnet", "--out", weights)
+    origin = file_digest(weights)  # a Keras run records the torch file its port came from
     if framework == "keras":
         ported = tmp_path / "alexnet-owt-7be5be79.keras.npz"
         run_module("torch_models", "port", "--model", "alexnet", "--weights", weights, "--out", ported)
@@ -207,7 +209,9 @@ def test_frozen_training_keeps_the_backbone_bit_identical_to_the_weights_file(fr
     train(framework, f"{framework}-alexnet-frozen", tiny_dataset, run_dir, {"lr": 0.05},
           extra=("--weights", weights, "--weights-source", "standin"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["init"] == "frozen" and metrics["weights"] == {"source": "standin", "sha256": file_digest(weights)}
+    assert metrics["init"] == "frozen" and metrics["weights"] == {
+        "source": "standin", "sha256": file_digest(weights), "origin_sha256": origin, "path": str(weights),
+        "classes": None}
     unchanged = unchanged_layers(framework, run_dir / MODEL_SUFFIX[framework], weights)
     backbone = {"torch": ["features.0", "features.3", "features.6", "features.8", "features.10"],
                 "keras": ["conv1", "conv2", "conv3", "conv4", "conv5"]}[framework]

@@ -71,6 +71,46 @@ def resolve_hparams(config: dict, variant: str) -> dict:
     return hparams
 
 
+# ----------------------------------------------------- where pretrained and frozen variants start
+KERAS_WEIGHTS_SUFFIXES = (".keras",)
+
+
+def weights_models(config: dict) -> list[str]:
+    """The models of the variants that load weights (pretrained or frozen), each once, in config order."""
+    variants = [parse_variant(name) for name in config["variants"]]
+    return list(dict.fromkeys(v.model for v in variants if loads_weights(v.init)))
+
+
+def is_keras_weights_file(path: str) -> bool:
+    return str(path).endswith(KERAS_WEIGHTS_SUFFIXES)
+
+
+def check_weights(config: dict) -> None:
+    """Raise ConfigError where ``weights: file`` or ``weights: pretrain`` lacks what it needs."""
+    source = config["weights"]
+    if source == "file":
+        files = config.get("weights_files", {})
+        missing = [model for model in weights_models(config) if model not in files]
+        if missing:
+            raise ConfigError(f"weights: file needs a file for {', '.join(missing)} in weights_files, e.g. "
+                              f"`weights_files: {{{missing[0]}: results/runs/.../model.pt}}`")
+        for variant in map(parse_variant, config["variants"]):
+            if variant.framework == "torch" and loads_weights(variant.init) and is_keras_weights_file(
+                    files[variant.model]):
+                raise ConfigError(f"{variant.name} cannot start from the Keras file {files[variant.model]}: give "
+                                  f"weights_files.{variant.model} as a torch state_dict (.pt/.pth); Keras variants "
+                                  "then fine-tune from its port, so both start from identical weights")
+    if source == "pretrain" and not config.get("pretrain", {}).get("source_classes"):
+        raise ConfigError("weights: pretrain needs pretrain.source_classes: the classes (names or indices) to "
+                          "pretrain on, e.g. `pretrain: {source_classes: [airplane, automobile, bird, cat, deer]}`")
+
+
+def pretrain_hparams(config: dict) -> dict:
+    """What the in-workflow pretraining trains with: ``train`` <- ``pretrain.train``, on all source images."""
+    hparams = {**config["train"], **config.get("pretrain", {}).get("train", {})}
+    return {**hparams, "lr": float(hparams["lr"]), "train_size": None}
+
+
 # --------------------------------------------------------- the runs: sizes, learning rates, seeds
 # One layout for every run directory (the Snakefile's RUN_DIR, the report's run names, the tests).
 RUN_LAYOUT = "{variant}/n{size}-lr{lr}/seed{seed}"
@@ -282,7 +322,7 @@ def _unknown_key_message(key: str, node: dict, root: dict, path: tuple) -> str:
     where = f"in `{'.'.join(path)}`" if path else "at the top level"
     message = (f"unknown config key `{'.'.join((*path, key))}`; the valid keys {where} are: "
                f"{', '.join(sorted(node.get('properties', {})))}")
-    nested = [".".join(found) for found in _paths_of_key(key, _node(root, root), root, ())]
+    nested = [".".join(found) for found in sorted(_paths_of_key(key, _node(root, root), root, ()), key=len)]
     if nested:
         message += f" (did you mean {' or '.join(f'`{p}`' for p in nested)}?)"
     return message

@@ -346,12 +346,68 @@ def load_prepared(path: str | os.PathLike, train_size: int | None = None) -> dic
     return data
 
 
+def resolve_classes(class_names: tuple[str, ...], chosen: list) -> list[int]:
+    """Indices of ``chosen`` (class names, or indices into ``class_names``), in ``class_names`` order."""
+    indices = []
+    for item in chosen:
+        if isinstance(item, int) or (isinstance(item, str) and item.isdigit() and item not in class_names):
+            index = int(item)
+            if not 0 <= index < len(class_names):
+                raise DataError(f"class index {index} is out of range: the data has {len(class_names)} classes "
+                                f"({', '.join(class_names)})")
+        elif item in class_names:
+            index = class_names.index(item)
+        else:
+            raise DataError(f"pretrain.source_classes names {item!r}, which is not a class of the data; its "
+                            f"classes are: {', '.join(class_names)}")
+        indices.append(index)
+    if len(set(indices)) == len(class_names):
+        raise DataError("pretrain.source_classes lists every class of the data: leave some for the target task")
+    if len(class_names) - len(set(indices)) < 2:
+        raise DataError("pretrain.source_classes leaves fewer than 2 target classes: a classifier needs 2 or more")
+    return sorted(set(indices))
+
+
+def class_subset(arrays: dict, classes: list[int]) -> dict:
+    """The prepared ``arrays`` restricted to ``classes`` in every split, relabelled 0..len(classes)-1."""
+    relabel = np.full(len(arrays["class_names"]), -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+    subset = {"class_names": arrays["class_names"][classes], "source": arrays["source"]}
+    for split in ("train", "val", "test"):
+        keep = np.isin(arrays[f"y_{split}"], classes)
+        subset[f"x_{split}"] = arrays[f"x_{split}"][keep]
+        subset[f"y_{split}"] = relabel[arrays[f"y_{split}"][keep]]
+        if split == "train" and "train_rank" in arrays:
+            subset["train_rank"] = arrays["train_rank"][keep]  # ranks are per class: still nested subsets
+    return subset
+
+
+def split_classes(prepared: str | os.PathLike, source_classes: list, source_out: str | os.PathLike,
+                  target_out: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Split a prepared file by class: the pretraining's source classes and the target task's others.
+    Returns the (source, target) class names."""
+    with np.load(prepared, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    names = tuple(str(name) for name in arrays["class_names"])
+    source = resolve_classes(names, source_classes)
+    target = [index for index in range(len(names)) if index not in source]
+    for classes, out in ((source, source_out), (target, target_out)):
+        with atomic_path(out) as tmp:
+            np.savez(tmp, **class_subset(arrays, classes))
+    return [names[i] for i in source], [names[i] for i in target]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare the dataset file the trainers read.")
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="load the configured source, split it, write the .npz")
     prep.add_argument("--data-config", required=True, help="the config's `data` section as JSON")
     prep.add_argument("--out", required=True, help="prepared .npz to write")
+    split = commands.add_parser("split-classes", help="split a prepared file into source and target classes")
+    split.add_argument("--data", required=True, help="prepared .npz")
+    split.add_argument("--source-classes", required=True, help="JSON list of class names or indices")
+    split.add_argument("--source-out", required=True)
+    split.add_argument("--target-out", required=True)
     fetch = commands.add_parser("download", help="download the CIFAR-10 python tarball and check its md5")
     fetch.add_argument("--url", required=True)
     fetch.add_argument("--md5", required=True)
@@ -361,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download":
             download(args.url, args.out, args.md5)
             print(f"downloaded {args.url} to {args.out} (md5 verified)")
+        elif args.command == "split-classes":
+            source, target = split_classes(args.data, json.loads(args.source_classes), args.source_out,
+                                           args.target_out)
+            print(f"wrote {args.source_out} (source classes: {', '.join(source)}) and {args.target_out} "
+                  f"(target classes: {', '.join(target)})")
         else:
             sizes = prepare(json.loads(args.data_config), args.out)
             print(f"wrote {args.out}: " + ", ".join(f"{k[2:]}={v}" for k, v in sizes.items()))

@@ -17,7 +17,8 @@ import keras
 from keras import layers
 
 from .fileio import atomic_path
-from .weights import input_transform
+from .config import is_keras_weights_file
+from .weights import WeightsError, first_mismatch, input_transform, mismatch_error
 
 # (filters, convs) per VGG16 block, with keras.applications' layer names block{b}_conv{c}.
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -257,22 +258,24 @@ def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout
     variables (no update, no weight decay) and BatchNormalization in them runs in inference mode."""
     weights = Path(weights) if weights is not None else None
     ported = weights is not None and weights.suffix == ".npz"
+    own_model = weights is not None and is_keras_weights_file(weights)  # e.g. a run's model.keras
+    published = weights is not None and not (ported or own_model)  # Keras' published (or stand-in) .h5
     inputs = keras.Input(input_shape, dtype="uint8", name="images")
     x = preprocessing(inputs, image_size, mean, std, preprocessing_mode)
     if name == "alexnet":
-        if weights is not None and not ported:
+        if published:
             raise ValueError("Keras AlexNet has no published ImageNet weights: port torchvision's "
                              "(python -m cnnbench.torch_models port) and pass the .npz")
         x = alexnet_features(x)
     elif name == "vgg16":
         base = vgg16_base((image_size, image_size, 3))
-        if weights is not None and not ported:
+        if published:
             base.load_weights(str(weights))  # the published Keras notop file (legacy HDF5)
         x = base(x)
         x = AdaptiveAveragePooling((7, 7), name="avgpool")(x)
     elif name == "resnet50":
         # torchvision's network unless Keras' own published file (keras.applications' layout) is given.
-        if weights is not None and not ported:
+        if published:
             base = keras_resnet50_base((image_size, image_size, 3))
             base.load_weights(str(weights))
         else:
@@ -284,6 +287,8 @@ def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout
     model = keras.Model(inputs, outputs, name=f"{name}_cifar")
     if ported:
         load_ported_weights(model, weights, include_head=(num_classes == 1000))
+    if own_model:
+        load_backbone_from_model(model, weights)
     if freeze_backbone:
         for layer_name in BACKBONE[name]:
             model.get_layer(layer_name).trainable = False
@@ -311,6 +316,8 @@ def load_ported_weights(model: keras.Model, path: str | Path, include_head: bool
     with np.load(path) as arrays:
         stored: dict[str, dict] = {}
         for key in arrays.files:
+            if key.startswith("_"):  # what the port records about its source (weights.ORIGIN_KEY)
+                continue
             layer_name, variable = key.split("/")
             stored.setdefault(layer_name, {})[variable] = arrays[key]
     weighted = {name for name, layer in layers_by_name.items()
@@ -320,11 +327,40 @@ def load_ported_weights(model: keras.Model, path: str | Path, include_head: bool
         raise ValueError(f"{path} does not fit {model.name}: no weights for {sorted(missing)}, weights for "
                          f"unknown layers {sorted(foreign)}; port the torchvision file of this model "
                          "(python -m cnnbench.torch_models port --model ...)")
+    shapes = backbone_shapes(model)
+    mismatch = first_mismatch(shapes, {f"{name}/{variable}": value.shape for name, variables in stored.items()
+                                       if name != HEAD for variable, value in variables.items()})
+    if mismatch:
+        raise mismatch_error(path, f"Keras {model.name}", mismatch)
     for name, values in stored.items():
         if name == HEAD and not include_head:
             continue
         layer = layers_by_name[name]
         layer.set_weights([values[variable.name] for variable in layer.weights])
+
+
+def backbone_shapes(model: keras.Model) -> dict[str, tuple]:
+    """{layer/variable: shape} of every weighted layer but the head, nested sub-models' layers included."""
+    return {f"{name}/{variable.name}": tuple(variable.shape) for name, layer in _layers_by_name(model).items()
+            if layer.weights and not isinstance(layer, keras.Model) and name != HEAD
+            for variable in layer.weights}
+
+
+def load_backbone_from_model(model: keras.Model, path: str | Path) -> None:
+    """Copy every layer but the head from the Keras model saved at ``path`` (such as a run's model.keras)
+    into ``model``, layer by layer by name; a file that does not fit stops naming the first mismatch."""
+    try:
+        saved = keras.saving.load_model(path, compile=False)
+    except Exception as err:  # a corrupt zip, an unknown layer, ...: all mean "not a model file of ours"
+        raise WeightsError(f"{path} is not a Keras model file this workflow can read ({err}); give a run's "
+                           "model.keras, or a torch state_dict (.pt) to port") from err
+    mismatch = first_mismatch(backbone_shapes(model), backbone_shapes(saved))
+    if mismatch:
+        raise mismatch_error(path, f"Keras {model.name}", mismatch)
+    saved_layers = _layers_by_name(saved)
+    for name, layer in _layers_by_name(model).items():
+        if layer.weights and not isinstance(layer, keras.Model) and name != HEAD:
+            layer.set_weights(saved_layers[name].get_weights())
 
 
 @keras.saving.register_keras_serializable(package="cnnbench")

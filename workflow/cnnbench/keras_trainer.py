@@ -24,6 +24,7 @@ from .config import freezes_backbone
 from .energy import EnergyMeter
 from .fileio import atomic_path, write_json_atomic
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
+from .weights import WeightsError
 
 
 def import_keras(backend: str):
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run(args, args.keras_backend)
     except Preempted:
         return EXIT_PREEMPTED
-    except TrainingError as err:
+    except (TrainingError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"{args.variant} seed {args.seed}: test accuracy {metrics['test']['accuracy']:.4f}, "

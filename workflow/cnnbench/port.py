@@ -71,8 +71,10 @@ def torch_to_keras(model: str, state: dict[str, np.ndarray]) -> dict[str, np.nda
     given = {key for key in state if key.rsplit(".", 1)[-1] not in IGNORED}
     missing, unexpected = expected - given, given - expected
     if missing or unexpected:
-        raise ValueError(f"not a torchvision {model} state_dict: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+        first = (f"{sorted(missing)[0]} is not in the file" if missing
+                 else f"the file has {sorted(unexpected)[0]}, which the model lacks")
+        raise ValueError(f"not a torchvision {model} state_dict: {first} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected)")
     ported = {}
     for module, (layer, variables) in modules.items():
         for parameter, variable in variables.items():

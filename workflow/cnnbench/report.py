@@ -80,6 +80,23 @@ def time_to_accuracy(history: list[dict], target: float | None) -> tuple[int | N
     return None, None
 
 
+def weights_label(weights: dict) -> str:
+    """Which weights a run started from, as the summary names them: the source, the pretraining's classes
+    or the file's name, and the first 8 hex digits of the torch file's sha256 (the same for a Keras run
+    that started from its port)."""
+    source = weights["source"]
+    if source == "none":
+        return "none"
+    digest = weights.get("origin_sha256") or weights["sha256"]
+    if source == "pretrain":
+        what = f"pretrained here on {', '.join(weights.get('classes') or ['?'])}"
+    elif source == "file":
+        what = f"file {Path(weights.get('path') or '?').name}"
+    else:
+        what = source
+    return f"{what} (sha256 {digest[:8]})" if digest else what
+
+
 def summary_row(metrics: dict, target_val_accuracy: float | None = None) -> dict:
     history = metrics["history"]
     images = sum(epoch["images_per_second"] * epoch["seconds"] for epoch in history)
@@ -104,7 +121,7 @@ def summary_row(metrics: dict, target_val_accuracy: float | None = None) -> dict
         "seconds_to_target": seconds_to_target,
         "images_per_second": images / metrics["train_seconds"] if metrics["train_seconds"] else 0.0,
         "device": metrics["environment"]["device_name"],
-        "weights": metrics["weights"]["source"],
+        "weights": weights_label(metrics["weights"]),
         "data": metrics["data"]["source"],
         "reference_test_accuracy": reference[0],
         "reference_train_seconds": reference[1],
@@ -236,7 +253,7 @@ def summary_facts(metrics_list: list[dict], expected: list[str] | None = None,
                          for m in metrics_list}),
         "image_size": sorted({m["config"]["image_size"] for m in metrics_list}),
         "epochs": sorted({len(m["history"]) for m in metrics_list}),
-        "weights": sorted({m["weights"]["source"] for m in metrics_list if loads_weights(m["init"])}),
+        "weights": sorted({weights_label(m["weights"]) for m in metrics_list if loads_weights(m["init"])}),
         "train_sizes": sorted({train_size_of(m) for m in metrics_list}, key=size_order),
         "target_val_accuracy": target_val_accuracy,
         "missing": sorted(set(expected or []) - set(runs)),

@@ -10,7 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .fileio import atomic_path
+from .fileio import atomic_path, file_digest
+from .weights import ORIGIN_KEY, WeightsError, first_mismatch, mismatch_error
 
 # ResNet-50 is torchvision's v1.5 (the 3x3 conv of a bottleneck strides); it has no dropout.
 ARCHITECTURES = {"alexnet": torchvision.models.alexnet, "vgg16": torchvision.models.vgg16,
@@ -32,21 +33,41 @@ def architecture(name: str, dropout: float = 0.5) -> nn.Module:
 
 def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None,
                 freeze_backbone: bool = False) -> nn.Module:
-    """torchvision's ``name``, optionally loaded with ImageNet ``weights``, with a ``num_classes`` head.
+    """torchvision's ``name``, optionally loaded with ``weights``, with a ``num_classes`` head.
 
-    Weights load into the 1000-class network first (the file's own layout), then the last
-    linear layer (``HEADS``) is replaced, so fine-tuning keeps every pretrained layer but the head.
+    ``weights`` is a state_dict of the network: ImageNet's (1000 classes), a stand-in, or your own (such
+    as a run's model.pt, with any number of classes). Every layer but the last linear one (``HEADS``)
+    loads; the head is new, so fine-tuning keeps every pretrained layer but the head.
     With ``freeze_backbone`` the backbone is frozen (see ``freeze``).
     """
     model = architecture(name, dropout)
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        load_backbone(model, name, weights)
     old_head = model.get_submodule(HEADS[name])
     model.set_submodule(HEADS[name], new_head(name, old_head.in_features, num_classes))
     if freeze_backbone:
         freeze(model, [getattr(model, child) for child in BACKBONE[name]])
     return model
+
+
+def load_backbone(model: nn.Module, name: str, weights: str | Path) -> None:
+    """Load every weight and buffer of ``weights`` but the head's into ``model``; a file that does not fit
+    stops with a WeightsError naming the first mismatch."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip or format errors: all mean "not a state_dict file"
+        raise WeightsError(f"{weights} is not a torch state_dict file ({err}); give a .pt/.pth saved with "
+                           "torch.save(model.state_dict(), path), such as a run's model.pt") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{weights} holds a {type(state).__name__}, not a state_dict (names to tensors): "
+                           "save it with torch.save(model.state_dict(), path)")
+    head = f"{HEADS[name]}."
+    backbone = {key: value for key, value in model.state_dict().items() if not key.startswith(head)}
+    given = {key: value for key, value in state.items() if not key.startswith(head)}
+    mismatch = first_mismatch({k: v.shape for k, v in backbone.items()}, {k: v.shape for k, v in given.items()})
+    if mismatch:
+        raise mismatch_error(weights, f"torchvision {name}", mismatch)
+    model.load_state_dict(given, strict=False)
 
 
 def freeze(model: nn.Module, backbone: list[nn.Module]) -> None:
@@ -112,7 +133,11 @@ def port_to_keras(name: str, weights: str | Path, out: str | Path) -> None:
     from .port import torch_to_keras
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    ported = torch_to_keras(name, {key: value.numpy() for key, value in state.items()})
+    try:
+        ported = torch_to_keras(name, {key: value.numpy() for key, value in state.items()})
+    except ValueError as err:
+        raise WeightsError(f"cannot port {weights} to Keras: {err}") from err
+    ported[ORIGIN_KEY] = np.asarray(file_digest(weights))  # so Keras runs record the file they started from
     with atomic_path(out) as tmp:
         np.savez(tmp, **ported)
 
@@ -132,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         write_standin_weights(args.model, args.out)
         print(f"wrote stand-in {args.model} weights to {args.out}")
     else:
-        port_to_keras(args.model, args.weights, args.out)
+        try:
+            port_to_keras(args.model, args.weights, args.out)
+        except WeightsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(f"ported {args.weights} to {args.out}")
     return 0
 

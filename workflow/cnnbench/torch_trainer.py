@@ -22,7 +22,7 @@ from .fileio import atomic_path
 from .config import freezes_backbone
 from .torch_models import build_model, trainable_parameters
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
-from .weights import input_transform
+from .weights import WeightsError, input_transform
 
 
 def framework_build() -> gpu.FrameworkBuild:
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run(args)
     except Preempted:
         return EXIT_PREEMPTED
-    except TrainingError as err:
+    except (TrainingError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"{args.variant} seed {args.seed}: test accuracy {metrics['test']['accuracy']:.4f}, "

@@ -30,7 +30,7 @@ from .config import ConfigError, loads_weights, parse_variant
 from .data import DataError, load_prepared
 from .fileio import file_digest, write_json_atomic, write_text_atomic
 from .metrics import SCHEMA_VERSION, MetricsError, validate_metrics, validator
-from .weights import WeightsError, published_spec, resolve_preprocessing
+from .weights import WEIGHTS_SOURCES, WeightsError, ported_from, published_spec, resolve_preprocessing
 from .weights import verify as verify_weights
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
@@ -67,6 +67,9 @@ class RunArgs:
     container: str | None
     keras_backend: str | None = None
     weights_sha256: str | None = None  # of the weights file, hashed once in parse_args
+    weights_origin_sha256: str | None = None  # of the torch file a ported .npz came from; else weights_sha256
+    weights_classes: list[str] | None = None  # the classes in-workflow pretraining trained on (pretrain)
+    pretrain_data: Path | None = None
     started_at: str = field(default_factory=now_iso)  # when the trainer started
     framework: str = field(init=False)
     model: str = field(init=False)
@@ -89,8 +92,12 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     parser.add_argument("--run-dir", type=Path, required=True, help="directory for checkpoints")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.json to write")
     parser.add_argument("--model-out", type=Path, required=True, help="trained model file to write")
-    parser.add_argument("--weights", type=Path, default=None, help="ImageNet weights file (pretrained, frozen)")
-    parser.add_argument("--weights-source", choices=["imagenet", "standin", "none"], default="none")
+    parser.add_argument("--weights", type=Path, default=None, help="weights file (pretrained, frozen variants)")
+    parser.add_argument("--weights-source", choices=[*WEIGHTS_SOURCES, "none"], default="none",
+                        help="what the file is: published ImageNet weights, stand-ins, your own file, or the "
+                        "workflow's pretraining (then --pretrain-data names the data it trained on)")
+    parser.add_argument("--pretrain-data", type=Path, default=None,
+                        help="the prepared source-class data the weights were pretrained on (weights source pretrain)")
     parser.add_argument("--container", help="container image the run uses (recorded in the metrics); "
                         "defaults to the image Apptainer/Singularity reports",
                         default=os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"))
@@ -107,7 +114,7 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     if args.framework != framework:
         parser.error(f"variant {args.variant} is not a {framework} variant")
     if loads_weights(args.init) and (args.weights is None or args.weights_source == "none"):
-        parser.error(f"a {args.init} variant needs --weights and --weights-source imagenet|standin")
+        parser.error(f"a {args.init} variant needs --weights and --weights-source {'|'.join(WEIGHTS_SOURCES)}")
     if not loads_weights(args.init):
         args.weights, args.weights_source = None, "none"
     if args.weights is not None and not args.weights.exists():
@@ -115,6 +122,13 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
                      "(snakemake resources/weights/...) or set `weights: standin` for offline runs")
     if args.weights is not None:
         args.weights_sha256 = file_digest(args.weights)
+        args.weights_origin_sha256 = ported_from(args.weights) or args.weights_sha256
+    if args.weights_source == "pretrain":
+        if ns.pretrain_data is None or not ns.pretrain_data.exists():
+            parser.error("--weights-source pretrain needs --pretrain-data: the prepared source-class data")
+        args.pretrain_data = ns.pretrain_data
+        with np.load(ns.pretrain_data, allow_pickle=False) as source:
+            args.weights_classes = [str(name) for name in source["class_names"]]
     spec = published_spec(args.weights) if args.weights_source == "imagenet" else None
     if spec is not None:
         try:  # a file put there by hand is checked as strictly as a download
@@ -331,6 +345,9 @@ def build_metrics(args: RunArgs, data: dict, history: list[dict], test: dict, en
         "weights": {
             "source": args.weights_source,
             "sha256": args.weights_sha256,
+            "origin_sha256": args.weights_origin_sha256,
+            "path": str(args.weights) if args.weights is not None else None,
+            "classes": args.weights_classes,
         },
         "history": history,
         "test": test,

@@ -102,6 +102,39 @@ def torch_resnet50_release(choices: dict) -> str:
 
 
 PORTED_SUFFIX = ".keras.npz"
+# Where pretrained and frozen variants start (config `weights`): published ImageNet files, random stand-ins
+# in their formats, your own file per model (`weights_files`), or the workflow's own pretraining.
+WEIGHTS_SOURCES = ("imagenet", "standin", "file", "pretrain")
+# The key of a ported .npz that holds the sha256 of the torch file it was ported from.
+ORIGIN_KEY = "_origin/sha256"
+
+
+def ported_from(path: str | Path) -> str | None:
+    """The sha256 of the torch file a ported ``.npz`` was made from (None for another file)."""
+    if not str(path).endswith(".npz"):
+        return None
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as arrays:
+        return str(arrays[ORIGIN_KEY]) if ORIGIN_KEY in arrays.files else None
+
+
+def first_mismatch(model: dict[str, tuple], given: dict[str, tuple]) -> str | None:
+    """The first difference between a model's weights and a file's, both {name: shape}, in the model's
+    order (then the file's): a weight the file lacks, one of another shape, or one the model lacks."""
+    for name, shape in model.items():
+        if name not in given:
+            return f"{name} (shape {tuple(shape)}) is not in the file"
+        if tuple(given[name]) != tuple(shape):
+            return f"{name} has shape {tuple(given[name])} in the file, {tuple(shape)} in the model"
+    extra = next((name for name in given if name not in model), None)
+    return None if extra is None else f"the file has {extra} (shape {tuple(given[extra])}), which the model lacks"
+
+
+def mismatch_error(path: str | Path, what: str, mismatch: str) -> WeightsError:
+    return WeightsError(f"{path} does not fit {what}: {mismatch}. Every layer but the classification head "
+                        "must match: give a file of this model (a run's model.pt, or a state_dict of the "
+                        "torchvision model; for Keras also a run's model.keras)")
 
 
 def weights_path(weights_dir: str | Path, source: str, framework: str, model: str,

@@ -9,8 +9,9 @@ PACKAGE_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from cnnbench.config import (  # noqa: E402
-    INITS, MODELS, RUN_LAYOUT, ConfigError, configured_runs, format_lr, learning_rates, loads_weights, parse_size,
-    parse_variant, run_hparams, run_name, run_problem, run_target_problem, TRAINING_FILES,
+    INITS, MODELS, RUN_LAYOUT, ConfigError, check_weights, configured_runs, format_lr, is_keras_weights_file,
+    learning_rates, loads_weights, parse_size, parse_variant, pretrain_hparams, run_hparams, run_name, run_problem,
+    run_target_problem, TRAINING_FILES, weights_models,
 )
 from cnnbench import preflight  # noqa: E402
 from cnnbench.gpu_slot import export_pool  # noqa: E402
@@ -111,6 +112,11 @@ shell.prefix(f"export PYTHONPATH={PACKAGE_DIR}; ")
 TORCH_IMAGE = container_image(config["containers"]["torch"])
 KERAS_IMAGE = container_image(config["containers"]["tensorflow"])
 DATA = "results/data/dataset.npz"
+# weights: pretrain splits the prepared data by class: the pretraining's source classes, the study's target ones.
+SOURCE_DATA = "results/data/source.npz"
+PRETRAINS = config["weights"] == "pretrain"
+TRAIN_DATA = "results/data/target.npz" if PRETRAINS else DATA
+PRETRAIN_DIR = "results/pretrain/{model}"
 RUN_WILDCARDS = {"variant": "{framework}-{model}-{init}", "size": "{size}", "lr": "{lr}", "seed": "{seed}"}
 RUN_DIR = f"results/runs/{RUN_LAYOUT.format(**RUN_WILDCARDS)}"
 WEIGHTS_DIR = config["weights_dir"]
@@ -118,6 +124,7 @@ SUMMARY_FILES = [f"results/{name}" for name in REPORT_OUTPUTS]
 
 try:
     RUNS = configured_runs(config)
+    check_weights(config)
 except (ConfigError, RuntimeError) as err:
     raise WorkflowError(f"invalid config: {err}")
 
@@ -154,16 +161,38 @@ def hparams_json(wildcards):
 
 
 def pretrained_weights(wildcards):
-    """The staged weights file of a pretrained or frozen variant (the same file); nothing for a scratch one."""
+    """The weights file a pretrained or frozen variant loads (the same for both inits); nothing for a scratch one.
+    Keras variants load a torch file's port (weights_path, the port rules), so both frameworks start alike."""
     if not loads_weights(wildcards.init):
         return []
+    keras = wildcards.framework == "keras"
+    if config["weights"] == "pretrain":
+        return f"{PRETRAIN_DIR.format(model=wildcards.model)}/{'model.keras.npz' if keras else 'model.pt'}"
+    if config["weights"] == "file":
+        given = config["weights_files"][wildcards.model]
+        return f"{WEIGHTS_DIR}/file/{wildcards.model}{PORTED_SUFFIX}" if keras and not is_keras_weights_file(given) else given
     return str(weights_path(WEIGHTS_DIR, config["weights"], wildcards.framework, wildcards.model, config))
+
+
+def pretrain_source(wildcards):
+    """The source-class data a variant's weights were pretrained on (weights: pretrain), for its metrics."""
+    return SOURCE_DATA if PRETRAINS and loads_weights(wildcards.init) else []
 
 
 def weights_args(wildcards, input):
     if not loads_weights(wildcards.init):
         return ""
-    return f"--weights {input.weights} --weights-source {config['weights']}"
+    source = f" --pretrain-data {input.source}" if PRETRAINS else ""
+    return f"--weights {input.weights} --weights-source {config['weights']}{source}"
+
+
+def pretrain_hparams_json(wildcards):
+    return json.dumps(pretrain_hparams(config), sort_keys=True)
+
+
+def pretrained_models():
+    """The models the workflow pretrains (weights: pretrain): those of the pretrained and frozen variants."""
+    return weights_models(config) if PRETRAINS else []
 
 
 def all_metrics():

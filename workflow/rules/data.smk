@@ -29,3 +29,20 @@ rule prepare_data:
         TORCH_IMAGE
     shell:
         "python -m cnnbench.data prepare --data-config {params.data_config:q} --out {output} > {log} 2>&1"
+
+
+rule split_classes:
+    input:
+        DATA,
+    output:
+        source=SOURCE_DATA,
+        target="results/data/target.npz",
+    params:
+        classes=json.dumps(config["pretrain"].get("source_classes", [])),
+    log:
+        "results/logs/split_classes.log",
+    container:
+        TORCH_IMAGE
+    shell:
+        "python -m cnnbench.data split-classes --data {input} --source-classes {params.classes:q} "
+        "--source-out {output.source} --target-out {output.target} > {log} 2>&1"

@@ -13,8 +13,9 @@ TRAIN_ARGS = (
 
 rule train_torch:
     input:
-        data=DATA,
+        data=TRAIN_DATA,
         weights=pretrained_weights,
+        source=pretrain_source,
     output:
         metrics=f"{RUN_DIR}/metrics.json",
         model=f"{RUN_DIR}/model.pt",
@@ -37,8 +38,9 @@ rule train_torch:
 
 rule train_keras:
     input:
-        data=DATA,
+        data=TRAIN_DATA,
         weights=pretrained_weights,
+        source=pretrain_source,
     output:
         metrics=f"{RUN_DIR}/metrics.json",
         model=f"{RUN_DIR}/model.keras",
