@@ -14,7 +14,7 @@ from snakemake.utils import validate
 
 from conftest import REPO, demo_config
 from cnnbench.config import (VALID_VARIANTS, ConfigError, check_known_keys, coerce_command_line, parse_variant,
-                              resolve_hparams, scratch_init)
+                              resolve_hparams, run_hparams, scratch_init)
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -107,6 +107,10 @@ def test_scratch_init_is_a_per_variant_key_of_scratch_runs():
     assert resolve_hparams(config, "keras-alexnet-scratch")["scratch_init"] == "framework"
     assert resolve_hparams(config, "torch-alexnet-scratch")["scratch_init"] == "torchvision"
     assert scratch_init("scratch", resolve_hparams(config, "keras-alexnet-scratch")) == "framework"
+    # A run that loads weights does not get it: changing it reruns scratch runs only.
+    assert run_hparams(config, "keras-alexnet-scratch", None, 0.01)["scratch_init"] == "framework"
+    assert "scratch_init" not in run_hparams(config, "keras-alexnet-pretrained", None, 0.01)
+    assert "scratch_init" not in run_hparams(config, "torch-vgg16-frozen", None, 0.01)
     assert scratch_init("pretrained", {"scratch_init": "framework"}) is None  # its new head: torchvision's
     assert scratch_init("scratch", {}) == "torchvision"
     with pytest.raises(ConfigError, match="scratch_init is 'glorot'; use one of torchvision, framework"):

@@ -128,8 +128,12 @@ def learning_rates(config: dict, variant: str) -> list[float]:
 def run_hparams(config: dict, variant: str, train_size: int | None, lr: float) -> dict:
     """What one run trains with: the variant's hyperparameters at this lr, plus its training-set size
     (images per class, None = all; the trainer takes the subset and scales the epochs, see
-    ``training.training_budget``)."""
-    return {**resolve_hparams(config, variant), "lr": float(lr), "train_size": train_size}
+    ``training.training_budget``). ``scratch_init`` is left out of a run that loads weights: it does not
+    apply there, and a change of it must not rerun such runs (Snakemake reruns a job whose params change)."""
+    hparams = {**resolve_hparams(config, variant), "lr": float(lr), "train_size": train_size}
+    if loads_weights(parse_variant(variant).init):
+        hparams.pop("scratch_init", None)
+    return hparams
 
 
 def configured_runs(config: dict) -> list[tuple[str, int | None, float, int]]:

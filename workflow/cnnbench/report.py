@@ -14,8 +14,9 @@ scratch, torch - keras), summary.md (all four tables),
 learning_curves.png, per_class_accuracy.png, confusion_matrices.png, data_efficiency.png (test
 accuracy against images per class), pretraining_gain.png (pretrained - scratch and frozen - scratch
 per size), conclusions.md (the gains in sentences, each with its interval), and summary_facts.json: which
-runs, data, input size, epochs, weights and scratch init (``train.scratch_init``) the summary holds, and which expected runs it lacks (what
-the Snakemake report's captions say, whatever config the report is built with).
+runs, data, input size, epochs, weights and scratch init (``train.scratch_init``) the summary holds, and
+which expected runs it lacks (what the Snakemake report's captions say, whatever config the report is
+built with).
 """
 
 from __future__ import annotations

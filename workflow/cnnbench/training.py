@@ -124,7 +124,8 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     # Resolved here, once for both trainers, so metrics["config"] records what the run really used.
     try:
         args.hparams["preprocessing"] = resolve_preprocessing(args.hparams.get("preprocessing", "auto"), args.weights)
-        args.hparams.setdefault("scratch_init", DEFAULT_SCRATCH_INIT)
+        if args.init == "scratch":
+            args.hparams.setdefault("scratch_init", DEFAULT_SCRATCH_INIT)
         scratch_init(args.init, args.hparams)  # a value the schema would reject stops here, for every init
     except ValueError as err:
         parser.error(str(err))
