@@ -263,6 +263,7 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     html = (tmp_path / "results" / "report.html").read_text()
     assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
     assert "pretrained weights: standin" in html
+    assert "initialisation (scratch_init): torchvision (torchvision" in html  # metrics from before the key
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
     assert ("<strong>Missing: 52 of the 54 expected runs have no results here: "
             "keras-alexnet-frozen/nall-lr0.01/seed0") in html
