@@ -125,6 +125,17 @@ DEFAULT_HPARAMS = {
 }
 
 
+def saved_kernel_initializers(model_file: Path) -> dict[str, str]:
+    """{layer: its kernel initializer's class name} for the top-level layers with one in a saved
+    model.keras, read from the archive's config.json (no Keras in this process)."""
+    import zipfile
+
+    with zipfile.ZipFile(model_file) as archive:
+        config = json.loads(archive.read("config.json"))
+    return {layer["config"]["name"]: layer["config"]["kernel_initializer"]["class_name"]
+            for layer in config["config"]["layers"] if isinstance(layer["config"].get("kernel_initializer"), dict)}
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared synthetic dataset small enough for one-epoch trainer runs."""

@@ -14,7 +14,7 @@ from snakemake.utils import validate
 
 from conftest import REPO, demo_config
 from cnnbench.config import (VALID_VARIANTS, ConfigError, check_known_keys, coerce_command_line, parse_variant,
-                              resolve_hparams)
+                              resolve_hparams, run_hparams, scratch_init)
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -47,6 +47,7 @@ def test_schema_fills_every_default():
     assert config["data"]["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
     assert config["init_overrides"] == {"pretrained": {"lr": 0.001}, "frozen": {"lr": 0.01}}
     assert config["seeds"] == [0] and len(config["variants"]) == 4
+    assert config["train"]["scratch_init"] == "torchvision" == load("config.yaml")["train"]["scratch_init"]
 
 
 def test_demo_overlay():
@@ -89,10 +90,31 @@ def test_unknown_variant_lists_the_valid_ones():
 @pytest.mark.parametrize("bad", [{"train": {"epochs": "ten"}}, {"train": {"lr": -1}},
                                  {"train": {"learning_rate": 0.1}}, {"weights": "random"},
                                  {"variant_overrides": {"torch-alexnet-scratch": {"batch_size": 0.5}}},
-                                 {"train": {"require_gpu": "yes"}}, {"train": {"require_gpu": "true"}}])
+                                 {"train": {"require_gpu": "yes"}}, {"train": {"require_gpu": "true"}},
+                                 {"train": {"scratch_init": "keras"}},
+                                 {"variant_overrides": {"keras-alexnet-scratch": {"scratch_init": "glorot"}}}])
 def test_wrong_types_are_rejected(bad):
     with pytest.raises(WorkflowError):
         validate(bad, SCHEMA)
+
+
+def test_scratch_init_is_a_per_variant_key_of_scratch_runs():
+    """`scratch_init` resolves like every train key (a variant can have its own); it is the run's only for
+    a scratch run, torchvision for metrics from before the key, and an unknown value is refused."""
+    config = {"train": {"scratch_init": "torchvision"},
+              "variant_overrides": {"keras-alexnet-scratch": {"scratch_init": "framework"}}}
+    validate(config, SCHEMA)
+    assert resolve_hparams(config, "keras-alexnet-scratch")["scratch_init"] == "framework"
+    assert resolve_hparams(config, "torch-alexnet-scratch")["scratch_init"] == "torchvision"
+    assert scratch_init("scratch", resolve_hparams(config, "keras-alexnet-scratch")) == "framework"
+    # A run that loads weights does not get it: changing it reruns scratch runs only.
+    assert run_hparams(config, "keras-alexnet-scratch", None, 0.01)["scratch_init"] == "framework"
+    assert "scratch_init" not in run_hparams(config, "keras-alexnet-pretrained", None, 0.01)
+    assert "scratch_init" not in run_hparams(config, "torch-vgg16-frozen", None, 0.01)
+    assert scratch_init("pretrained", {"scratch_init": "framework"}) is None  # its new head: torchvision's
+    assert scratch_init("scratch", {}) == "torchvision"
+    with pytest.raises(ConfigError, match="scratch_init is 'glorot'; use one of torchvision, framework"):
+        scratch_init("frozen", {"scratch_init": "glorot"})
 
 
 def dry_run(*config_args, directory=None):
@@ -174,6 +196,10 @@ def test_workflow_reports_config_errors_clearly():
     code, output = dry_run("train={epochs: ten}")
     assert code != 0
     assert "'ten' is not of type 'integer'" in output
+
+    code, output = dry_run("train={scratch_init: keras}")
+    assert code != 0
+    assert "'keras' is not one of ['torchvision', 'framework']" in output
 
 
 def test_frozen_variants_load_the_pretrained_variants_files(tmp_path):

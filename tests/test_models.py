@@ -213,3 +213,91 @@ def test_new_head_follows_torchvisions_init_rule(framework):
     assert 0.99 * bound < alexnet["max_abs"] <= bound  # uniform up to the bound, not beyond
     assert alexnet["std"] == pytest.approx(bound / 3**0.5, rel=0.03)  # a uniform's std
     assert 0.0 < alexnet["bias_max_abs"] <= bound
+
+
+KERAS_INIT_STATISTICS = """
+import json, numpy as np, keras
+from cnnbench.keras_models import build_model
+out = {}
+for rule in ("torchvision", "framework"):
+    keras.utils.set_random_seed(0)
+    model = build_model("alexnet", 10, 64, [0.5] * 3, [0.25] * 3, init_rule=rule)
+    out[rule] = {}
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel, bias = (np.asarray(w) for w in layer.get_weights())
+            receptive = int(np.prod(kernel.shape[:-2]))  # 1 for a Dense kernel (in, out)
+            out[rule][layer.name] = {
+                "fan_in": receptive * kernel.shape[-2], "fan_out": receptive * kernel.shape[-1],
+                "max_abs": float(np.abs(kernel).max()), "mean_square": float(np.mean(np.square(kernel))),
+                "bias_max_abs": float(np.abs(bias).max())}
+# The other networks: which initializer every Conv2D and Dense layer (nested ones too) was built with.
+def initializers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from initializers(layer)
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            config = layer.get_config()
+            yield (layer.name, config["kernel_initializer"]["class_name"],
+                   config["bias_initializer"]["class_name"] if layer.use_bias else None)
+for name in ("vgg16", "resnet50"):
+    for rule in ("torchvision", "framework"):
+        out[f"{name}_{rule}"] = sorted({(kernel, bias) for _, kernel, bias in
+                                        initializers(build_model(name, 10, 64, [0.5] * 3, [0.25] * 3, init_rule=rule))},
+                                       key=str)
+try:
+    build_model("alexnet", 10, 64, [0.5] * 3, [0.25] * 3, init_rule="glorot")
+except ValueError as err:
+    out["unknown_rule"] = str(err)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def keras_inits():
+    return run_python(KERAS_INIT_STATISTICS)
+
+
+ALEXNET_WEIGHTED = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2", "head"]
+FLOAT32_ROUNDING = 1 + 2**-23  # a float32 draw may round up past a bound that float32 cannot hold exactly
+
+
+def test_keras_alexnet_torchvision_init_is_torchs_default_in_every_layer(keras_inits):
+    """Weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Conv2d's and nn.Linear's default.
+    Every layer holds >= 23,232 weights: the max reaches 0.99 of the bound (a miss has probability
+    <= 0.99^23232), and the mean square's relative standard error is <= sqrt(0.8 / n) = 0.6%."""
+    layers = keras_inits["torchvision"]
+    assert sorted(layers) == sorted(ALEXNET_WEIGHTED)
+    for name, stats in layers.items():
+        bound = stats["fan_in"] ** -0.5
+        assert 0.99 * bound < stats["max_abs"] <= bound * FLOAT32_ROUNDING, name
+        assert stats["mean_square"] == pytest.approx(bound ** 2 / 3, rel=0.03), name
+        assert 0.0 < stats["bias_max_abs"] <= bound * FLOAT32_ROUNDING, name
+
+
+def test_keras_alexnet_framework_init_is_glorot_uniform_with_zero_biases(keras_inits):
+    """scratch_init: framework builds Keras' defaults: kernels ~ U(-b, b), b = sqrt(6 / (fan_in + fan_out)),
+    so a variance of 2 / (fan_in + fan_out); biases 0."""
+    layers = keras_inits["framework"]
+    assert sorted(layers) == sorted(ALEXNET_WEIGHTED)
+    for name, stats in layers.items():
+        fans = stats["fan_in"] + stats["fan_out"]
+        bound = (6 / fans) ** 0.5
+        assert 0.99 * bound < stats["max_abs"] <= bound * FLOAT32_ROUNDING, name
+        assert stats["mean_square"] == pytest.approx(2 / fans, rel=0.03), name
+        assert stats["bias_max_abs"] == 0.0, name
+    conv1 = layers["conv1"]
+    assert (conv1["fan_in"], conv1["fan_out"]) == (3 * 11 * 11, 64 * 11 * 11)
+    # The rules differ: conv1's Glorot bound is sqrt(6 * 363 / 8107) = 0.52 of torch's 1/sqrt(363).
+    ratio = layers["conv1"]["max_abs"] / keras_inits["torchvision"]["conv1"]["max_abs"]
+    assert ratio == pytest.approx((6 * 363 / 8107) ** 0.5, rel=0.01)
+
+
+def test_keras_vgg16_and_resnet50_follow_the_init_rule_in_every_layer(keras_inits):
+    """torchvision: kaiming-normal convs (VarianceScaling), VGG's N(0, 0.01) Linear and nn.Linear's default
+    for ResNet's fc; framework: Keras' GlorotUniform kernels and Zeros biases everywhere."""
+    assert keras_inits["vgg16_torchvision"] == [["RandomNormal", "Zeros"], ["VarianceScaling", "Zeros"]]
+    assert keras_inits["resnet50_torchvision"] == [["VarianceScaling", "RandomUniform"], ["VarianceScaling", None]]
+    assert keras_inits["vgg16_framework"] == [["GlorotUniform", "Zeros"]]
+    assert keras_inits["resnet50_framework"] == [["GlorotUniform", "Zeros"], ["GlorotUniform", None]]
+    assert "unknown init_rule 'glorot'; use one of torchvision, framework" in keras_inits["unknown_rule"]

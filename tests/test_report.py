@@ -263,6 +263,7 @@ def test_readme_report_command_over_demo_results_captions_what_it_shows(tmp_path
     html = (tmp_path / "results" / "report.html").read_text()
     assert "Data: synthetic (1000 train, 100 validation, 100 test images), input resized to 64x64" in html
     assert "pretrained weights: standin (sha256 bbbbbbbb)" in html
+    assert "initialisation (scratch_init): torchvision (torchvision" in html  # metrics from before the key
     assert "cifar10" not in html.split("Summarized runs", 1)[1].split("Missing", 1)[0]
     assert ("<strong>Missing: 52 of the 54 expected runs have no results here: "
             "keras-alexnet-frozen/nall-lr0.01/seed0") in html
@@ -542,3 +543,38 @@ def test_pretraining_gain_plot_shows_the_paired_differences(gain_report):
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_summary_names_the_scratch_init_of_each_scratch_run(tmp_path):
+    """summary.csv has each scratch run's `scratch_init` (empty for a run that loads weights), summary.md
+    and summary_facts.json say which variants started from which; a run from before the key is torchvision."""
+    keras_scratch = make_metrics("keras-alexnet-scratch")
+    keras_scratch["config"]["scratch_init"] = "framework"
+    torch_scratch = make_metrics("torch-alexnet-scratch")
+    torch_scratch["config"]["scratch_init"] = "framework"
+    old_scratch = make_metrics("torch-vgg16-scratch")  # no scratch_init: written before the key existed
+    pretrained = make_metrics("torch-alexnet-pretrained")
+    pretrained["config"]["scratch_init"] = "framework"  # no effect on a run that loads weights
+    files = [write_metrics(tmp_path, m) for m in (keras_scratch, torch_scratch, old_scratch, pretrained)]
+    code, out = run_report(tmp_path, files)
+    assert code == 0
+    runs = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert runs.loc["keras-alexnet-scratch", "scratch_init"] == runs.loc["torch-alexnet-scratch", "scratch_init"] \
+        == "framework"
+    assert runs.loc["torch-vgg16-scratch", "scratch_init"] == "torchvision"
+    assert pd.isna(runs.loc["torch-alexnet-pretrained", "scratch_init"])
+    facts = json.loads((out / "summary_facts.json").read_text())
+    assert facts["scratch_init"] == {"torchvision": ["torch-vgg16-scratch"],
+                                     "framework": ["keras-alexnet-scratch", "torch-alexnet-scratch"]}
+    markdown = (out / "summary.md").read_text()
+    assert ("Scratch runs' initialisation (scratch_init): torchvision (torchvision's rules in both frameworks) for "
+            "torch-vgg16-scratch; framework (each framework's own defaults: torchvision's in torch, Glorot-uniform "
+            "kernels and zero biases in Keras) for keras-alexnet-scratch, torch-alexnet-scratch.") in markdown
+
+
+def test_a_metrics_file_with_an_unknown_scratch_init_is_refused(tmp_path, capsys):
+    metrics = make_metrics("keras-alexnet-scratch")
+    metrics["config"]["scratch_init"] = "glorot"
+    code, out = run_report(tmp_path, [write_metrics(tmp_path, metrics)])
+    assert code == 1 and not out.exists()
+    assert "'glorot' is not one of ['torchvision', 'framework']" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 from cnnbench.fileio import file_digest
 from cnnbench.gpu import GPU_COUNT_VARIABLES, GPU_INDEX_VARIABLES
 from cnnbench.metrics import validate_metrics
-from conftest import DEFAULT_HPARAMS, REPO, package_env, run_module, run_python
+from conftest import DEFAULT_HPARAMS, REPO, package_env, run_module, run_python, saved_kernel_initializers
 
 MODEL_SUFFIX = {"torch": "model.pt", "keras": "model.keras"}
 FAKE_NVML_DIR = REPO / "tests" / "fake_nvml"
@@ -69,6 +69,7 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
                                "sha256": file_digest(tiny_dataset)}
     assert metrics["weights"] == {"source": "none", "sha256": None}
     assert metrics["config"]["epochs"] == 2 and metrics["config"]["image_size"] == 64
+    assert metrics["config"]["scratch_init"] == "torchvision"  # recorded though DEFAULT_HPARAMS lack it
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
     assert metrics["environment"]["device"] == "cpu" and metrics["environment"]["container"] is None
     assert metrics["environment"]["gpu"] is None  # GPU facts: none on the CPU
@@ -139,9 +140,10 @@ def test_pretrained_training_records_the_weights(framework, model, weights_name,
                                                  tmp_path):
     weights = tmp_path / weights_name
     run_module(f"{framework}_models", "standin", "--model", model, "--out", weights)
-    # require_gpu: auto trains on the CPU when nothing says the job was given a GPU
+    # require_gpu: auto trains on the CPU when nothing says the job was given a GPU; scratch_init is no
+    # pretrained run's concern: its new layers keep torchvision's init (checked below for Keras).
     result = train(framework, f"{framework}-{model}-pretrained", tiny_dataset, tmp_path / "run",
-                   {"require_gpu": "auto"}, extra=("--weights", weights, "--weights-source", "standin"),
+                   {"require_gpu": "auto", "scratch_init": "framework"}, extra=("--weights", weights, "--weights-source", "standin"),
                    env=with_fake_nvml(FAKE_NVML_INIT="fail"),  # as without a driver, on any machine
                    prelude=WITHOUT_GPU_VARIABLES)
     assert "no GPU visible: training on the CPU" in result.stderr
@@ -161,6 +163,8 @@ model = keras.saving.load_model({str(tmp_path / "run" / "model.keras")!r})
 print(json.dumps([layer.name for layer in model.layers]))
 """)
         assert "rgb_to_bgr" in layers
+        initializers = saved_kernel_initializers(tmp_path / "run" / "model.keras")
+        assert {initializers[name] for name in ("fc1", "fc2", "head")} == {"RandomNormal"}  # VGG's N(0, 0.01)
 
 
 # Run with MODEL (a frozen run's model file) and WEIGHTS (the file it loaded): prints {layer: whether

@@ -6,7 +6,8 @@ under ``results/runs/`` + :func:`run_name`. Hyperparameters resolve in three lay
 (defaults for all) <- ``init_overrides[init]`` <- ``variant_overrides[variant]``; a ``sweep`` of
 learning rates for an init replaces the ``lr`` those layers give.
 
-The initialisations: ``scratch`` (random weights, everything trains), ``pretrained`` (ImageNet
+The initialisations: ``scratch`` (random weights by torchvision's rules, or by each framework's own
+with ``train.scratch_init: framework``; everything trains), ``pretrained`` (ImageNet
 weights, everything trains: fine-tuning) and ``frozen`` (the same ImageNet weights; the model's
 backbone, its convolutional feature extractor, is frozen and only the classifier trains).
 """
@@ -50,6 +51,22 @@ def loads_weights(init: str) -> bool:
 def freezes_backbone(init: str) -> bool:
     """Whether the backbone stays as loaded: no gradient, no weight decay, inference mode."""
     return init == "frozen"
+
+
+# ``train.scratch_init``: where a scratch run's random weights come from. torchvision: torchvision's rules
+# in both frameworks (the matched comparison); framework: each framework's own defaults, as its users start.
+SCRATCH_INITS = ("torchvision", "framework")
+DEFAULT_SCRATCH_INIT = "torchvision"  # the schema's default, and what every run did before the key existed
+
+
+def scratch_init(init: str, hparams: dict) -> str | None:
+    """The ``scratch_init`` a run of ``init`` with these hyperparameters uses: None unless it is a scratch
+    run (the new layers of a pretrained or frozen run always follow torchvision's rules). A value the
+    schema would reject raises ConfigError, whatever the init."""
+    value = hparams.get("scratch_init", DEFAULT_SCRATCH_INIT)
+    if value not in SCRATCH_INITS:
+        raise ConfigError(f"scratch_init is {value!r}; use one of {', '.join(SCRATCH_INITS)}")
+    return value if init == "scratch" else None
 
 
 def parse_variant(name: str) -> Variant:
@@ -151,8 +168,12 @@ def learning_rates(config: dict, variant: str) -> list[float]:
 def run_hparams(config: dict, variant: str, train_size: int | None, lr: float) -> dict:
     """What one run trains with: the variant's hyperparameters at this lr, plus its training-set size
     (images per class, None = all; the trainer takes the subset and scales the epochs, see
-    ``training.training_budget``)."""
-    return {**resolve_hparams(config, variant), "lr": float(lr), "train_size": train_size}
+    ``training.training_budget``). ``scratch_init`` is left out of a run that loads weights: it does not
+    apply there, and a change of it must not rerun such runs (Snakemake reruns a job whose params change)."""
+    hparams = {**resolve_hparams(config, variant), "lr": float(lr), "train_size": train_size}
+    if loads_weights(parse_variant(variant).init):
+        hparams.pop("scratch_init", None)
+    return hparams
 
 
 def configured_runs(config: dict) -> list[tuple[str, int | None, float, int]]:

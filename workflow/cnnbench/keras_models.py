@@ -1,5 +1,8 @@
 """Keras 3 AlexNet, VGG16 and ResNet-50 in torchvision's layout and initialisation; stand-in weights.
 
+The initialisation is torchvision's (``init_rule="torchvision"``) or Keras' own defaults
+(``"framework"``: Glorot-uniform kernels, zero biases), see ``config.scratch_init``.
+
 The networks take uint8 images and do the conversion, resize and normalisation inside the
 model, so the whole input pipeline runs on the device in the backend's own ops. Before the
 first dense layer the feature map is flattened in channels-first order, like torchvision, so
@@ -16,8 +19,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from .config import SCRATCH_INITS, is_keras_weights_file
 from .fileio import atomic_path
-from .config import is_keras_weights_file
 from .weights import WeightsError, first_mismatch, input_transform, mismatch_error
 
 # (filters, convs) per VGG16 block, with keras.applications' layer names block{b}_conv{c}.
@@ -82,6 +85,17 @@ def _torch_default_init(fan_in: int):
             keras.initializers.RandomUniform(-bound, bound))
 
 
+def _kaiming_fan_out():
+    """torchvision's conv init (VGG, ResNet): kaiming_normal_(mode="fan_out", nonlinearity="relu")."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def _initializers(rule: str, kernel, bias="zeros") -> dict:
+    """A Conv2D's or Dense's initializer arguments: torchvision's ``kernel`` and ``bias`` under the rule
+    ``torchvision``; none under ``framework``, so that Keras' own defaults apply (glorot_uniform, zeros)."""
+    return {} if rule == "framework" else {"kernel_initializer": kernel, "bias_initializer": bias}
+
+
 @keras.saving.register_keras_serializable(package="cnnbench")
 class ReverseChannels(layers.Layer):
     """RGB -> BGR (and back): the channel order Keras' published VGG16 weights were trained on."""
@@ -128,38 +142,31 @@ def preprocessing(inputs, image_size: int, mean, std, mode: str = "imagenet"):
     return layers.Rescaling(scale, offset, dtype="float32", name="normalize")(x)
 
 
-def alexnet_features(x):
+def alexnet_features(x, init_rule: str = "torchvision"):
     channels = 3
     for index, (filters, kernel, stride, pad, pool) in enumerate(ALEXNET_FEATURES, start=1):
-        kernel_init, bias_init = _torch_default_init(channels * kernel * kernel)
         x = layers.ZeroPadding2D(pad, name=f"pad{index}")(x)
         x = layers.Conv2D(filters, kernel, strides=stride, activation="relu", name=f"conv{index}",
-                          kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+                          **_initializers(init_rule, *_torch_default_init(channels * kernel * kernel)))(x)
         if pool:
             x = layers.MaxPooling2D(3, strides=2, name=f"pool{index}")(x)
         channels = filters
     return AdaptiveAveragePooling((6, 6), name="avgpool")(x)
 
 
-def vgg16_base(input_shape) -> keras.Model:
+def vgg16_base(input_shape, init_rule: str = "torchvision") -> keras.Model:
     """VGG16's convolutional part, named and ordered like keras.applications.VGG16(include_top=False)."""
     inputs = keras.Input(input_shape, name="features_input")
     x = inputs
     for block, (filters, convs) in enumerate(VGG16_BLOCKS, start=1):
         for conv in range(1, convs + 1):
-            # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), zero bias.
             x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{block}_conv{conv}",
-                              kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"))(x)
+                              **_initializers(init_rule, _kaiming_fan_out()))(x)
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
     return keras.Model(inputs, x, name="vgg16")
 
 
-def _kaiming_fan_out():
-    """torchvision's conv init (VGG, ResNet): kaiming_normal_(mode="fan_out", nonlinearity="relu")."""
-    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-
-
-def _resnet_conv(x, filters: int, kernel: int, stride: int, name: str):
+def _resnet_conv(x, filters: int, kernel: int, stride: int, name: str, init_rule: str):
     """A bias-free conv padded like torch's (kernel // 2 on every side): a strided conv gets explicit
     zero padding, since Keras' 'same' pads only the bottom/right of an even-sized map."""
     padding = "same" if kernel > 1 else "valid"
@@ -167,42 +174,43 @@ def _resnet_conv(x, filters: int, kernel: int, stride: int, name: str):
         x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
         padding = "valid"
     return layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, name=name,
-                         kernel_initializer=_kaiming_fan_out())(x)
+                         **_initializers(init_rule, _kaiming_fan_out()))(x)
 
 
 def _batch_norm(name: str):
-    """torch.nn.BatchNorm2d's defaults (momentum 0.1, eps 1e-5; gamma 1, beta 0 as torchvision sets)."""
+    """torch.nn.BatchNorm2d's defaults (momentum 0.1, eps 1e-5; gamma 1, beta 0 as torchvision sets and as
+    Keras starts too, so both init rules share them)."""
     return TorchBatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
 
 
-def _bottleneck(x, planes: int, stride: int, downsample: bool, name: str):
+def _bottleneck(x, planes: int, stride: int, downsample: bool, name: str, init_rule: str):
     """torchvision's Bottleneck (v1.5: the 3x3 conv strides); layers named after its modules."""
     out = x
     for index, (filters, kernel, conv_stride) in enumerate(
             ((planes, 1, 1), (planes, 3, stride), (planes * RESNET50_EXPANSION, 1, 1)), start=1):
-        out = _resnet_conv(out, filters, kernel, conv_stride, f"{name}_conv{index}")
+        out = _resnet_conv(out, filters, kernel, conv_stride, f"{name}_conv{index}", init_rule)
         out = _batch_norm(f"{name}_bn{index}")(out)
         if index < 3:
             out = layers.ReLU(name=f"{name}_relu{index}")(out)
     identity = x
     if downsample:
-        identity = _resnet_conv(x, planes * RESNET50_EXPANSION, 1, stride, f"{name}_downsample_0")
+        identity = _resnet_conv(x, planes * RESNET50_EXPANSION, 1, stride, f"{name}_downsample_0", init_rule)
         identity = _batch_norm(f"{name}_downsample_1")(identity)
     out = layers.Add(name=f"{name}_add")([out, identity])
     return layers.ReLU(name=f"{name}_out")(out)
 
 
-def resnet50_base(input_shape) -> keras.Model:
+def resnet50_base(input_shape, init_rule: str = "torchvision") -> keras.Model:
     """torchvision's ResNet-50 without avgpool and fc, its layer names with "_" for "." (``port``)."""
     inputs = keras.Input(input_shape, name="features_input")
-    x = _resnet_conv(inputs, 64, 7, 2, "conv1")
+    x = _resnet_conv(inputs, 64, 7, 2, "conv1", init_rule)
     x = _batch_norm("bn1")(x)
     x = layers.ReLU(name="relu")(x)
     x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)  # torch pads with -inf; after a ReLU 0 is the same
     x = layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
     for stage, (planes, blocks, stride) in enumerate(RESNET50_STAGES, start=1):
         for block in range(blocks):
-            x = _bottleneck(x, planes, stride if block == 0 else 1, block == 0, f"layer{stage}_{block}")
+            x = _bottleneck(x, planes, stride if block == 0 else 1, block == 0, f"layer{stage}_{block}", init_rule)
     return keras.Model(inputs, x, name="resnet50")
 
 
@@ -217,45 +225,47 @@ def keras_resnet50_base(input_shape) -> keras.Model:
     return base
 
 
-def classifier(x, num_classes: int, dropout: float, model: str):
+def _dense_init(model: str, fan_in: int):
+    """torchvision's Linear init: VGG's ``_initialize_weights`` draws N(0, 0.01) weights with zero bias;
+    AlexNet and ResNet keep nn.Linear's default."""
+    if model == "vgg16":
+        return keras.initializers.RandomNormal(0.0, 0.01), "zeros"
+    return _torch_default_init(fan_in)
+
+
+def classifier(x, num_classes: int, dropout: float, model: str, init_rule: str = "torchvision"):
     """torchvision's classifier head; the feature map is flattened channels-first like torch."""
     x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
     x = layers.Flatten(name="flatten")(x)
-    fan_in = x.shape[-1]
     for index in (1, 2):
-        if model == "alexnet":
-            kernel_init, bias_init = _torch_default_init(fan_in)
-            x = layers.Dropout(dropout, name=f"dropout{index}")(x)
-            x = layers.Dense(4096, activation="relu", name=f"fc{index}",
-                             kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
-        else:  # vgg16: Linear -> ReLU -> Dropout, weights ~ N(0, 0.01), zero bias
-            x = layers.Dense(4096, activation="relu", name=f"fc{index}",
-                             kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01))(x)
-            x = layers.Dropout(dropout, name=f"dropout{index}")(x)
-        fan_in = 4096
-    if model == "alexnet":
-        kernel_init, bias_init = _torch_default_init(fan_in)
-    else:
-        kernel_init, bias_init = keras.initializers.RandomNormal(0.0, 0.01), "zeros"
+        dense = layers.Dense(4096, activation="relu", name=f"fc{index}",
+                             **_initializers(init_rule, *_dense_init(model, x.shape[-1])))
+        dropout_layer = layers.Dropout(dropout, name=f"dropout{index}")
+        # AlexNet: Dropout -> Linear -> ReLU; VGG16: Linear -> ReLU -> Dropout.
+        x = dense(dropout_layer(x)) if model == "alexnet" else dropout_layer(dense(x))
     return layers.Dense(num_classes, name=HEAD, dtype="float32",
-                        kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+                        **_initializers(init_rule, *_dense_init(model, x.shape[-1])))(x)
 
 
-def resnet_head(x, num_classes: int):
+def resnet_head(x, num_classes: int, init_rule: str = "torchvision"):
     """torchvision ResNet's avgpool (to 1x1) and fc, which keeps nn.Linear's default init."""
     x = layers.GlobalAveragePooling2D(name="avgpool")(x)
-    kernel_init, bias_init = _torch_default_init(x.shape[-1])
     return layers.Dense(num_classes, name=HEAD, dtype="float32",
-                        kernel_initializer=kernel_init, bias_initializer=bias_init)(x)
+                        **_initializers(init_rule, *_dense_init("resnet50", x.shape[-1])))(x)
 
 
 def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout: float = 0.5,
                 input_shape=(32, 32, 3), weights: str | Path | None = None,
-                preprocessing_mode: str = "imagenet", freeze_backbone: bool = False) -> keras.Model:
+                preprocessing_mode: str = "imagenet", freeze_backbone: bool = False,
+                init_rule: str = "torchvision") -> keras.Model:
     """The ``name`` network on uint8 ``input_shape`` images, with ``weights`` loaded where given;
     ``preprocessing_mode`` (imagenet or caffe) is the input transform inside the model. With
     ``freeze_backbone`` the ``BACKBONE`` layers are not trainable: the optimizer never sees their
-    variables (no update, no weight decay) and BatchNormalization in them runs in inference mode."""
+    variables (no update, no weight decay) and BatchNormalization in them runs in inference mode.
+    ``init_rule`` initialises the Conv2D and Dense layers: ``torchvision``'s rules or Keras' own
+    defaults (``framework``); layers that ``weights`` load are overwritten either way."""
+    if init_rule not in SCRATCH_INITS:
+        raise ValueError(f"unknown init_rule {init_rule!r}; use one of {', '.join(SCRATCH_INITS)}")
     weights = Path(weights) if weights is not None else None
     ported = weights is not None and weights.suffix == ".npz"
     own_model = weights is not None and is_keras_weights_file(weights)  # e.g. a run's model.keras
@@ -266,9 +276,9 @@ def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout
         if published:
             raise ValueError("Keras AlexNet has no published ImageNet weights: port torchvision's "
                              "(python -m cnnbench.torch_models port) and pass the .npz")
-        x = alexnet_features(x)
+        x = alexnet_features(x, init_rule)
     elif name == "vgg16":
-        base = vgg16_base((image_size, image_size, 3))
+        base = vgg16_base((image_size, image_size, 3), init_rule)
         if published:
             base.load_weights(str(weights))  # the published Keras notop file (legacy HDF5)
         x = base(x)
@@ -279,11 +289,12 @@ def build_model(name: str, num_classes: int, image_size: int, mean, std, dropout
             base = keras_resnet50_base((image_size, image_size, 3))
             base.load_weights(str(weights))
         else:
-            base = resnet50_base((image_size, image_size, 3))
+            base = resnet50_base((image_size, image_size, 3), init_rule)
         x = base(x)
     else:
         raise ValueError(f"unknown model {name!r}; use alexnet, vgg16 or resnet50")
-    outputs = resnet_head(x, num_classes) if name == "resnet50" else classifier(x, num_classes, dropout, name)
+    outputs = (resnet_head(x, num_classes, init_rule) if name == "resnet50"
+               else classifier(x, num_classes, dropout, name, init_rule))
     model = keras.Model(inputs, outputs, name=f"{name}_cifar")
     if ported:
         load_ported_weights(model, weights, include_head=(num_classes == 1000))

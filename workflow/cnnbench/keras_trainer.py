@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import gpu, precision, training
-from .config import freezes_backbone
+from .config import freezes_backbone, scratch_init
 from .energy import EnergyMeter
 from .fileio import atomic_path, write_json_atomic
 from .training import EXIT_PREEMPTED, Preempted, StopRequested, TrainingError
@@ -340,7 +340,8 @@ def run(args: training.RunArgs, backend: str) -> dict:
     if model is None:
         model = build_model(args.model, len(class_names), hp["image_size"], hp["mean"], hp["std"],
                             hp["dropout"], input_shape=x_train.shape[1:], weights=args.weights,
-                            preprocessing_mode=hp["preprocessing"], freeze_backbone=freezes_backbone(args.init))
+                            preprocessing_mode=hp["preprocessing"], freeze_backbone=freezes_backbone(args.init),
+                            init_rule=scratch_init(args.init, hp) or "torchvision")  # new heads: torchvision's
         compile_model(model, hp, steps_per_epoch)
     else:  # this trainer's compile settings, on this machine; the checkpoint's optimizer and its state
         compile_model(model, hp, steps_per_epoch, optimizer=model.optimizer)

@@ -14,8 +14,9 @@ scratch, torch - keras), summary.md (all four tables),
 learning_curves.png, per_class_accuracy.png, confusion_matrices.png, data_efficiency.png (test
 accuracy against images per class), pretraining_gain.png (pretrained - scratch and frozen - scratch
 per size), conclusions.md (the gains in sentences, each with its interval), and summary_facts.json: which
-runs, data, input size, epochs and weights the summary holds, and which expected runs it lacks (what
-the Snakemake report's captions say, whatever config the report is built with).
+runs, data, input size, epochs, weights and scratch init (``train.scratch_init``) the summary holds, and
+which expected runs it lacks (what the Snakemake report's captions say, whatever config the report is
+built with).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import FRAMEWORKS, INITS, MODELS, format_size, loads_weights, run_name
+from .config import FRAMEWORKS, INITS, MODELS, SCRATCH_INITS, format_size, loads_weights, run_name, scratch_init
 from .fileio import atomic_path, write_text_atomic
 from .metrics import MetricsError, load_metrics
 
@@ -42,7 +43,7 @@ REFERENCE = {
 }
 RUN_COLUMNS = ["variant", "train_size", "lr", "seed", "epochs", "train_images", "images_per_class", "val_accuracy",
                "best_val_accuracy", "test_accuracy", "train_seconds", "energy_joules", "epochs_to_target", "seconds_to_target",
-               "images_per_second", "device", "weights", "data", "reference_test_accuracy",
+               "images_per_second", "device", "weights", "scratch_init", "data", "reference_test_accuracy",
                "reference_train_seconds"]
 # What the learning-rate selection may read: no test figure among them.
 SELECTION_COLUMNS = ["variant", "train_size", "lr", "seed", "val_accuracy"]
@@ -122,6 +123,7 @@ def summary_row(metrics: dict, target_val_accuracy: float | None = None) -> dict
         "images_per_second": images / metrics["train_seconds"] if metrics["train_seconds"] else 0.0,
         "device": metrics["environment"]["device_name"],
         "weights": weights_label(metrics["weights"]),
+        "scratch_init": scratch_init(metrics["init"], metrics["config"]),  # None (empty) unless a scratch run
         "data": metrics["data"]["source"],
         "reference_test_accuracy": reference[0],
         "reference_train_seconds": reference[1],
@@ -241,6 +243,16 @@ def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def scratch_init_variants(metrics_list: list[dict]) -> dict[str, list[str]]:
+    """Each ``scratch_init`` the scratch runs used (in SCRATCH_INITS order) and the variants that used it."""
+    used: dict[str, set] = {}
+    for metrics in metrics_list:
+        rule = scratch_init(metrics["init"], metrics["config"])
+        if rule is not None:
+            used.setdefault(rule, set()).add(metrics["variant"])
+    return {rule: sorted(used[rule]) for rule in SCRATCH_INITS if rule in used}
+
+
 def summary_facts(metrics_list: list[dict], expected: list[str] | None = None,
                   target_val_accuracy: float | None = None) -> dict:
     """What the summarized runs are, read from their metrics, and the expected runs not among them."""
@@ -254,6 +266,7 @@ def summary_facts(metrics_list: list[dict], expected: list[str] | None = None,
         "image_size": sorted({m["config"]["image_size"] for m in metrics_list}),
         "epochs": sorted({len(m["history"]) for m in metrics_list}),
         "weights": sorted({weights_label(m["weights"]) for m in metrics_list if loads_weights(m["init"])}),
+        "scratch_init": scratch_init_variants(metrics_list),
         "train_sizes": sorted({train_size_of(m) for m in metrics_list}, key=size_order),
         "target_val_accuracy": target_val_accuracy,
         "missing": sorted(set(expected or []) - set(runs)),
@@ -264,6 +277,20 @@ def _listing(values) -> str:
     return ", ".join(map(str, values))
 
 
+SCRATCH_INIT_MEANING = {"torchvision": "torchvision's rules in both frameworks",
+                        "framework": "each framework's own defaults: torchvision's in torch, Glorot-uniform "
+                                     "kernels and zero biases in Keras"}
+
+
+def describe_scratch_init(scratch_inits: dict) -> str:
+    """Which init (``train.scratch_init``) the scratch variants started from; empty without scratch runs."""
+    if not scratch_inits:
+        return ""
+    rules = "; ".join(f"{rule} ({SCRATCH_INIT_MEANING[rule]}) for {_listing(variants)}"
+                      for rule, variants in scratch_inits.items())
+    return f" Scratch runs' initialisation (scratch_init): {rules}."
+
+
 def describe_runs(facts: dict) -> str:
     """One paragraph (plain text that is also valid Markdown and reStructuredText) about the runs."""
     splits = "; ".join(f"{train} train, {val} validation, {test} test images" for train, val, test in facts["split"])
@@ -271,7 +298,7 @@ def describe_runs(facts: dict) -> str:
     weights = _listing(facts["weights"]) if facts["weights"] else "none (no pretrained or frozen variant)"
     return (f"Summarized runs ({len(facts['runs'])}): {_listing(facts['runs'])}. Data: "
             f"{_listing(facts['data'])} ({splits}), input resized to {sizes}; epochs: {_listing(facts['epochs'])}; "
-            f"pretrained weights: {weights}.")
+            f"pretrained weights: {weights}." + describe_scratch_init(facts.get("scratch_init", {})))
 
 
 def describe_missing(missing: list[str], expected: int, unexpected: list[str] = ()) -> str:
@@ -437,7 +464,7 @@ def to_markdown(runs: pd.DataFrame, stats: pd.DataFrame, differences: pd.DataFra
     sweep = selection.assign(selected=selection["selected"].map({True: "yes", False: ""})).rename(columns={
         "train_size": "train size", "val_accuracy_mean": "val acc mean", "val_accuracy_std": "val acc std"})
     target = facts.get("target_val_accuracy")
-    shown = runs.drop(columns=["weights", "data"]).astype({"epochs_to_target": object})
+    shown = runs.drop(columns=["weights", "scratch_init", "data"]).astype({"epochs_to_target": object})
     shown["energy_joules"] = runs["energy_joules"].map(_energy)
     shown["epochs_to_target"] = shown["epochs_to_target"].where(shown["epochs_to_target"].notna(), None)
     shown = shown.rename(columns={

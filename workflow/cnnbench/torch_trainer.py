@@ -307,6 +307,7 @@ def run(args: training.RunArgs) -> dict:
 
     torch.manual_seed(args.seed)
     # Checkpoints and the saved model hold the plain module's state (network); a compiled one only trains.
+    # Either scratch_init is torchvision's init here: torch's users start from torchvision's constructors.
     network = build_model(args.model, len(class_names), hp["dropout"], args.weights,
                           freeze_backbone=freezes_backbone(args.init))
     network = network.to(device, memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, gpu_slot
-from .config import ConfigError, loads_weights, parse_variant
+from .config import DEFAULT_SCRATCH_INIT, ConfigError, loads_weights, parse_variant, scratch_init
 from .data import DataError, load_prepared
 from .fileio import file_digest, write_json_atomic, write_text_atomic
 from .metrics import SCHEMA_VERSION, MetricsError, validate_metrics, validator
@@ -138,6 +138,9 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     # Resolved here, once for both trainers, so metrics["config"] records what the run really used.
     try:
         args.hparams["preprocessing"] = resolve_preprocessing(args.hparams.get("preprocessing", "auto"), args.weights)
+        if args.init == "scratch":
+            args.hparams.setdefault("scratch_init", DEFAULT_SCRATCH_INIT)
+        scratch_init(args.init, args.hparams)  # a value the schema would reject stops here, for every init
     except ValueError as err:
         parser.error(str(err))
     return args
