@@ -183,7 +183,7 @@ import cnnbench.keras_models  # registers the custom layers for loading
 from cnnbench.keras_models import _layers_by_name
 trained = _layers_by_name(keras.saving.load_model(MODEL))
 with np.load(WEIGHTS) as loaded:
-    layers = sorted({key.split("/")[0] for key in loaded.files} - {"head"})
+    layers = sorted({key.split("/")[0] for key in loaded.files if not key.startswith("_")} - {"head"})
     print(json.dumps({layer: all(np.array_equal(np.asarray(variable), loaded[f"{layer}/{variable.name}"])
                                  for variable in trained[layer].weights) for layer in layers}))
 """}
