@@ -69,8 +69,10 @@ def test_frozen_runs_keep_the_staged_backbone_bit_identical(grid_run):
             staged = weights / (f"{stem}.pth" if framework == "torch" else f"{stem}{PORTED_SUFFIX}")
             run = run_dir(workdir / "results", f"{framework}-{model}-frozen")
             twin = run_dir(workdir / "results", f"{framework}-{model}-pretrained")
+            origin = file_digest(weights / f"{stem}.pth")  # a Keras run's port records the torch file it came from
             assert load_metrics(run / "metrics.json")["weights"] == load_metrics(twin / "metrics.json")["weights"] == {
-                "source": "standin", "sha256": file_digest(staged)}
+                "source": "standin", "sha256": file_digest(staged), "origin_sha256": origin,
+                "path": str(staged.relative_to(workdir)), "classes": None}
             unchanged = unchanged_layers(framework, run / MODEL_SUFFIX[framework], staged)
             assert unchanged == {layer: is_backbone_layer(layer) for layer in unchanged}
             assert sum(unchanged.values()) == {"alexnet": 5, "vgg16": 13}[model] and len(unchanged) - sum(
@@ -126,8 +128,12 @@ def test_keras_runs_start_from_the_torch_runs_weights(grid_run, tmp_path):
         for seed in SEEDS:
             runs = {fw: load_metrics(run_dir(workdir / "results", f"{fw}-{model}-pretrained", seed) / "metrics.json")
                     for fw in ("torch", "keras")}
-            assert runs["torch"]["weights"] == {"source": "standin", "sha256": file_digest(torch_file)}
-            assert runs["keras"]["weights"] == {"source": "standin", "sha256": file_digest(keras_file)}
+            origin = file_digest(torch_file)  # both runs name the torch file: Keras' port records it
+            assert runs["torch"]["weights"] == {"source": "standin", "sha256": origin, "origin_sha256": origin,
+                                                "path": str(torch_file.relative_to(workdir)), "classes": None}
+            assert runs["keras"]["weights"] == {"source": "standin", "sha256": file_digest(keras_file),
+                                                "origin_sha256": origin, "path": str(keras_file.relative_to(workdir)),
+                                                "classes": None}
         torch_logits = logits_of("torch", model, torch_file, images)
         keras_logits = logits_of("keras", model, keras_file, images)
         assert np.abs(torch_logits - keras_logits).max() < 1e-4 * max(1.0, np.abs(torch_logits).max()), model

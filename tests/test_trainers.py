@@ -67,7 +67,7 @@ def test_scratch_training_writes_valid_metrics(framework, tiny_dataset, tmp_path
     assert [epoch["epoch"] for epoch in metrics["history"]] == [1, 2]
     assert metrics["data"] == {"source": "synthetic", "train_size": 40, "val_size": 20, "test_size": 30,
                                "sha256": file_digest(tiny_dataset)}
-    assert metrics["weights"] == {"source": "none", "sha256": None}
+    assert metrics["weights"] == {"source": "none", "sha256": None, "origin_sha256": None, "path": None, "classes": None}
     assert metrics["config"]["epochs"] == 2 and metrics["config"]["image_size"] == 64
     assert metrics["config"]["scratch_init"] == "torchvision"  # recorded though DEFAULT_HPARAMS lack it
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 30
