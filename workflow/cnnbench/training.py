@@ -69,7 +69,6 @@ class RunArgs:
     weights_sha256: str | None = None  # of the weights file, hashed once in parse_args
     weights_origin_sha256: str | None = None  # of the torch file a ported .npz came from; else weights_sha256
     weights_classes: list[str] | None = None  # the classes in-workflow pretraining trained on (pretrain)
-    pretrain_data: Path | None = None
     started_at: str = field(default_factory=now_iso)  # when the trainer started
     framework: str = field(init=False)
     model: str = field(init=False)
@@ -126,7 +125,6 @@ def parse_args(framework: str, argv: list[str] | None = None) -> RunArgs:
     if args.weights_source == "pretrain":
         if ns.pretrain_data is None or not ns.pretrain_data.exists():
             parser.error("--weights-source pretrain needs --pretrain-data: the prepared source-class data")
-        args.pretrain_data = ns.pretrain_data
         with np.load(ns.pretrain_data, allow_pickle=False) as source:
             args.weights_classes = [str(name) for name in source["class_names"]]
     spec = published_spec(args.weights) if args.weights_source == "imagenet" else None

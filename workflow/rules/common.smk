@@ -11,7 +11,7 @@ sys.path.insert(0, str(PACKAGE_DIR))
 from cnnbench.config import (  # noqa: E402
     INITS, MODELS, RUN_LAYOUT, ConfigError, check_weights, configured_runs, format_lr, is_keras_weights_file,
     learning_rates, loads_weights, parse_size, parse_variant, pretrain_hparams, run_hparams, run_name, run_problem,
-    run_target_problem, TRAINING_FILES, weights_models,
+    run_target_problem, TRAINING_FILES,
 )
 from cnnbench import preflight  # noqa: E402
 from cnnbench.gpu_slot import export_pool  # noqa: E402
@@ -113,9 +113,9 @@ TORCH_IMAGE = container_image(config["containers"]["torch"])
 KERAS_IMAGE = container_image(config["containers"]["tensorflow"])
 DATA = "results/data/dataset.npz"
 # weights: pretrain splits the prepared data by class: the pretraining's source classes, the study's target ones.
-SOURCE_DATA = "results/data/source.npz"
+SOURCE_DATA, TARGET_DATA = "results/data/source.npz", "results/data/target.npz"
 PRETRAINS = config["weights"] == "pretrain"
-TRAIN_DATA = "results/data/target.npz" if PRETRAINS else DATA
+TRAIN_DATA = TARGET_DATA if PRETRAINS else DATA
 PRETRAIN_DIR = "results/pretrain/{model}"
 RUN_WILDCARDS = {"variant": "{framework}-{model}-{init}", "size": "{size}", "lr": "{lr}", "seed": "{seed}"}
 RUN_DIR = f"results/runs/{RUN_LAYOUT.format(**RUN_WILDCARDS)}"
@@ -188,11 +188,6 @@ def weights_args(wildcards, input):
 
 def pretrain_hparams_json(wildcards):
     return json.dumps(pretrain_hparams(config), sort_keys=True)
-
-
-def pretrained_models():
-    """The models the workflow pretrains (weights: pretrain): those of the pretrained and frozen variants."""
-    return weights_models(config) if PRETRAINS else []
 
 
 def all_metrics():

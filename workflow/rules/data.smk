@@ -36,7 +36,7 @@ rule split_classes:
         DATA,
     output:
         source=SOURCE_DATA,
-        target="results/data/target.npz",
+        target=TARGET_DATA,
     params:
         classes=json.dumps(config["pretrain"].get("source_classes", [])),
     log:
