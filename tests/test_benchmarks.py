@@ -164,3 +164,26 @@ def test_device_check_rehearsed_on_the_cpu(tmp_path):
         names = logs.getnames()
     assert all(any(name.endswith(f"logs/{step}.log") for name in names) for step in DEVICE_CHECK_STEPS)
     assert sum(name.endswith("metrics.json") for name in names) == 2 + len(GPU_VARIANTS)
+
+
+def test_transfer_study_script_runs_the_transfer_config(tmp_path):
+    """benchmarks/transfer-cifar10.sh as a dry run: the real-data transfer config's 90 trainings, after
+    one pretraining, on the archive it is given, two at a time."""
+    archive = tmp_path / "cifar10-jpeg.tar.xz"
+    archive.write_bytes(b"")  # a dry run reads nothing
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "transfer-cifar10.sh"), str(archive), str(tmp_path / "work")],
+                            capture_output=True, text=True, env=benchmark_env(CNNBENCH_DRY_RUN="1", PYTHON=sys.executable),
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "This was a dry-run" in output
+    from test_workflow import job_counts
+
+    counts = job_counts(output)
+    # per framework: (2 scratch rates + 2 fine-tuning rates + 1 frozen) x 3 sizes x 3 seeds
+    assert counts["train_torch"] == counts["train_keras"] == 45 and counts["pretrain_torch"] == 1, counts
+    assert f"input: {archive}" in output
+    from test_readme import training_threads
+
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # nproc's cores over two slots
+    assert set(training_threads(output)) == {threads}

@@ -15,6 +15,7 @@ rule pretrain_torch:
         seed=config["pretrain"]["seed"],
     log:
         f"{PRETRAIN_DIR}/train.log",
+    priority: 10  # every pretrained and frozen run waits for it: start it before the scratch runs
     threads: training_threads
     resources:
         gpu=1,
