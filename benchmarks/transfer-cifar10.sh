@@ -15,6 +15,7 @@ workdir="${2:-/tmp/transfer-cifar10}"
 out="$repo/benchmarks/results/transfer-cifar10"
 cores=$(nproc)
 python="${PYTHON:-$repo/.venv/bin/python}"
+export PATH="$(dirname "$python"):$PATH"  # the jobs' `python` is the one that runs Snakemake
 
 run=("$python" -m snakemake -s "$repo/Snakefile" --directory "$workdir" --configfile "$repo/config/transfer-cifar10.yaml"
      --config "data={imagefolder: {path: $archive}}" --cores "$cores"
