@@ -16,7 +16,6 @@ from cnnbench.metrics import load_metrics
 from cnnbench.weights import PORTED_SUFFIX
 from conftest import NO_DEMO_MIN_STEPS, REPO, removed_unless_failed, run_dir, run_python
 from test_gpu_slots import overlap
-from test_report import assert_statistics_recomputed
 from test_trainers import MODEL_SUFFIX, is_backbone_layer, unchanged_layers
 from test_workflow import job_counts, snakemake
 
@@ -146,7 +145,12 @@ def test_statistics_and_paired_differences(grid_run):
     stats = pd.read_csv(workdir / "results" / "variant_stats.csv")
     assert sorted(stats["variant"]) == sorted(VALID_VARIANTS)
     assert (stats["seeds"] == len(SEEDS)).all()
-    assert_statistics_recomputed(workdir / "results")  # means, stds, t-intervals against scipy.stats
+    # one seed: the mean is the run's value, and no std or interval exists (tests/test_workflow.py's
+    # study demo and tests/test_real_data.py recompute them over several seeds)
+    runs = pd.read_csv(workdir / "results" / "summary.csv").set_index("variant")
+    stats = stats.set_index("variant")
+    assert (stats["test_accuracy_mean"] == runs.loc[stats.index, "test_accuracy"]).all()
+    assert stats[["test_accuracy_std", "test_accuracy_ci_low", "test_accuracy_ci_high"]].isna().all().all()
     differences = pd.read_csv(workdir / "results" / "paired_differences.csv")
     # pretrained - scratch and frozen - scratch per framework and model (12), torch - keras per model and init (9)
     assert len(differences) == 21 and (differences["paired_seeds"] == len(SEEDS)).all()
