@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from test_readme import training_threads
+from test_workflow import job_counts
 
 
 def tiny_imagefolder_archive(path: Path, train_per_class: int = 6, test_per_class: int = 3) -> Path:
@@ -177,14 +179,9 @@ def test_transfer_study_script_runs_the_transfer_config(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "This was a dry-run" in output
-    from test_workflow import job_counts
-
     counts = job_counts(output)
     # per framework: (2 scratch rates + 2 fine-tuning rates + 1 frozen) x 3 sizes x 3 seeds
     assert counts["train_torch"] == counts["train_keras"] == 45 and counts["pretrain_torch"] == 1, counts
     assert f"input: {archive}" in output
-    from test_readme import training_threads
-
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # nproc's cores over two slots
     assert set(training_threads(output)) == {threads}
-

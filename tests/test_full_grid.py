@@ -24,8 +24,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The demo's synthetic data and settings under the full grid's variants, cut to one epoch on 10 images
 # per class and one seed, so that its 18 trainings (6 VGG16, 6 ResNet-50) fit in CI's time on 2 cores
 # (with two seeds they took 1097 s of CI's 55 minutes and 15 GB of disk). Statistics over seeds are
-# tested where seeds differ: tests/test_workflow.py's study demo (2 seeds) and tests/test_real_data.py
-# (3). A two-GPU stand-in pool (`gpus: [0, 1]`): each training records the GPU slot it was given.
+# recomputed against scipy in tests/test_report.py (three hand-made seeds); the study demo of
+# tests/test_workflow.py runs two seeds through the workflow. A two-GPU stand-in pool (`gpus: [0, 1]`): each training records the GPU slot it was given.
 CI_CUT = ("seeds: [0]\ndata:\n  synthetic:\n    train_per_class: 10\n  val_size: 20\ntrain:\n  epochs: 1\ngpus: [0, 1]\n"
           + NO_DEMO_MIN_STEPS)
 # Two one-thread trainings at a time (`--resources gpu=2` on 2 cores: each training gets 2 // 2
@@ -145,8 +145,8 @@ def test_statistics_and_paired_differences(grid_run):
     stats = pd.read_csv(workdir / "results" / "variant_stats.csv")
     assert sorted(stats["variant"]) == sorted(VALID_VARIANTS)
     assert (stats["seeds"] == len(SEEDS)).all()
-    # one seed: the mean is the run's value, and no std or interval exists (tests/test_workflow.py's
-    # study demo and tests/test_real_data.py recompute them over several seeds)
+    # one seed: the mean is the run's value, and no std or interval exists (tests/test_report.py
+    # recomputes them over several seeds)
     runs = pd.read_csv(workdir / "results" / "summary.csv").set_index("variant")
     stats = stats.set_index("variant")
     assert (stats["test_accuracy_mean"] == runs.loc[stats.index, "test_accuracy"]).all()
