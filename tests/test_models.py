@@ -184,7 +184,7 @@ import torch
 from cnnbench.torch_models import build_model
 torch.manual_seed(0)
 def HEAD(name):
-    head = build_model(name, 10).classifier[-1]
+    head = build_model(name, 10, head_seed=HEAD_SEED).classifier[-1]
     return head.weight.detach().numpy(), head.bias.detach().numpy()
 FAN_IN = lambda weight: weight.shape[1]  # torch: (out, in)
 """
@@ -199,11 +199,13 @@ FAN_IN = lambda kernel: kernel.shape[0]  # keras: (in, out)
 """
 
 
-@pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_new_head_follows_torchvisions_init_rule(framework):
+@pytest.mark.parametrize("framework, head_seed", [("torch", None), ("torch", 12345), ("keras", None)])
+def test_new_head_follows_torchvisions_init_rule(framework, head_seed):
     """VGG16: N(0, 0.01) weights and zero bias (torchvision's VGG rule); AlexNet: nn.Linear's default
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both (torchvision's AlexNet has no rule of its own)."""
-    heads = run_python((TORCH_HEAD if framework == "torch" else KERAS_HEAD) + HEAD_STATISTICS)
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both (torchvision's AlexNet has no rule of its own); the
+    same rule when torch draws the head from a generator of its own (a run from a weights file)."""
+    code = f"HEAD_SEED = {head_seed}\n" + TORCH_HEAD if framework == "torch" else KERAS_HEAD
+    heads = run_python(code + HEAD_STATISTICS)
     vgg, alexnet = heads["vgg16"], heads["alexnet"]
     # 40,960 weights: the sample std's relative standard error is 1/sqrt(2n) = 0.35%, so 3% is ~8.5 of them.
     assert vgg["std"] == pytest.approx(0.01, rel=0.03)
@@ -301,3 +303,35 @@ def test_keras_vgg16_and_resnet50_follow_the_init_rule_in_every_layer(keras_init
     assert keras_inits["vgg16_framework"] == [["GlorotUniform", "Zeros"]]
     assert keras_inits["resnet50_framework"] == [["GlorotUniform", "Zeros"], ["GlorotUniform", None]]
     assert "unknown init_rule 'glorot'; use one of torchvision, framework" in keras_inits["unknown_rule"]
+
+
+HEAD_OF_ITS_OWN = """
+import json, types, torch
+from cnnbench import training
+from cnnbench.fileio import file_digest
+from cnnbench.torch_models import build_model
+torch.manual_seed(0)  # a run at seed 0 trained these weights (the workflow's pretraining, say)
+pretraining = build_model("alexnet", 5)
+torch.save(pretraining.state_dict(), WEIGHTS)
+run = types.SimpleNamespace(seed=0, weights_sha256=file_digest(WEIGHTS))
+heads = {}
+for name, head_seed in (("global RNG", None), ("own seed", training.head_seed(run)),
+                        ("own seed again", training.head_seed(run)),
+                        ("seed 1", training.head_seed(types.SimpleNamespace(seed=1, weights_sha256=run.weights_sha256)))):
+    torch.manual_seed(0)  # the fine-tuning run, at the same seed
+    heads[name] = build_model("alexnet", 5, weights=WEIGHTS, head_seed=head_seed).classifier[6].weight
+same = lambda a, b: bool(torch.equal(a, b))
+print(json.dumps({"global RNG repeats the pretraining's head": same(heads["global RNG"], pretraining.classifier[6].weight),
+                  "own seed repeats it": same(heads["own seed"], pretraining.classifier[6].weight),
+                  "own seed is reproducible": same(heads["own seed"], heads["own seed again"]),
+                  "seeds differ": not same(heads["own seed"], heads["seed 1"]),
+                  "no weights, no own seed": training.head_seed(types.SimpleNamespace(seed=0, weights_sha256=None))}))
+"""
+
+
+def test_a_run_from_weights_draws_a_head_of_its_own(tmp_path):
+    """torch's global RNG at the same seed gives a fine-tuning run the very head the weights' own run
+    started from (the head its backbone grew up with); training.head_seed mixes in the weights' sha256."""
+    found = run_python(f"WEIGHTS = {str(tmp_path / 'weights.pt')!r}\n" + HEAD_OF_ITS_OWN)
+    assert found == {"global RNG repeats the pretraining's head": True, "own seed repeats it": False,
+                     "own seed is reproducible": True, "seeds differ": True, "no weights, no own seed": None}

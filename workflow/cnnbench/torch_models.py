@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -32,19 +33,21 @@ def architecture(name: str, dropout: float = 0.5) -> nn.Module:
 
 
 def build_model(name: str, num_classes: int, dropout: float = 0.5, weights: str | Path | None = None,
-                freeze_backbone: bool = False) -> nn.Module:
+                freeze_backbone: bool = False, head_seed: int | None = None) -> nn.Module:
     """torchvision's ``name``, optionally loaded with ``weights``, with a ``num_classes`` head.
 
     ``weights`` is a state_dict of the network: ImageNet's (1000 classes), a stand-in, or your own (such
     as a run's model.pt, with any number of classes). Every layer but the last linear one (``HEADS``)
     loads; the head is new, so fine-tuning keeps every pretrained layer but the head.
-    With ``freeze_backbone`` the backbone is frozen (see ``freeze``).
+    With ``freeze_backbone`` the backbone is frozen (see ``freeze``). ``head_seed`` draws the head from a
+    generator of its own (``training.head_seed``) instead of torch's global one.
     """
     model = architecture(name, dropout)
     if weights is not None:
         load_backbone(model, name, weights)
     old_head = model.get_submodule(HEADS[name])
-    model.set_submodule(HEADS[name], new_head(name, old_head.in_features, num_classes))
+    generator = torch.Generator().manual_seed(head_seed) if head_seed is not None else None
+    model.set_submodule(HEADS[name], new_head(name, old_head.in_features, num_classes, generator))
     if freeze_backbone:
         freeze(model, [getattr(model, child) for child in BACKBONE[name]])
     return model
@@ -106,15 +109,21 @@ class Float32Linear(nn.Linear):
             return super().forward(x.float())
 
 
-def new_head(name: str, in_features: int, num_classes: int) -> Float32Linear:
+def new_head(name: str, in_features: int, num_classes: int,
+             generator: torch.Generator | None = None) -> Float32Linear:
     """The new last layer, initialised by torchvision's rule for ``name`` (Keras' models use the same):
     VGG's ``_initialize_weights`` draws Linear weights from N(0, 0.01) with zero bias; AlexNet and
     ResNet have no rule of their own for it, so nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    stays."""
+    stays. With ``generator`` the same rule draws from it (the global RNG advances as without it)."""
     head = Float32Linear(in_features, num_classes)
-    if name == "vgg16":
-        nn.init.normal_(head.weight, 0.0, 0.01)
-        nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        if name == "vgg16":
+            head.weight.normal_(0.0, 0.01, generator=generator)
+            head.bias.zero_()
+        elif generator is not None:
+            bound = 1 / math.sqrt(in_features)  # nn.Linear's kaiming_uniform_(a=sqrt(5)) and bias bound
+            head.weight.uniform_(-bound, bound, generator=generator)
+            head.bias.uniform_(-bound, bound, generator=generator)
     return head
 
 

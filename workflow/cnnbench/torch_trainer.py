@@ -309,7 +309,7 @@ def run(args: training.RunArgs) -> dict:
     # Checkpoints and the saved model hold the plain module's state (network); a compiled one only trains.
     # Either scratch_init is torchvision's init here: torch's users start from torchvision's constructors.
     network = build_model(args.model, len(class_names), hp["dropout"], args.weights,
-                          freeze_backbone=freezes_backbone(args.init))
+                          freeze_backbone=freezes_backbone(args.init), head_seed=training.head_seed(args))
     network = network.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(trainable_parameters(network), lr=hp["lr"], momentum=hp["momentum"],
                                 weight_decay=hp["weight_decay"], nesterov=hp["nesterov"])
