@@ -263,3 +263,42 @@ def test_gpu_test_command_needs_a_gpu(tmp_path):
     else:
         assert result.returncode == 1, output[-5000:]
         assert "3 errors" in output and "CNNBENCH_REQUIRE_GPU=1 asks for them" in output, output[-5000:]
+
+
+def test_readme_is_a_short_front_page():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines: move detail to docs/"
+
+
+TRANSFER_RESULTS = REPO / "benchmarks" / "results" / "transfer-cifar10"
+
+
+def transfer_gain_rows() -> list[str]:
+    """The README's table of the committed transfer study: a row per training-set size, a cell per
+    initialisation and framework, each gain over scratch as mean [95% interval] from its
+    paired_differences.csv."""
+    import pandas as pd
+
+    differences = pd.read_csv(TRANSFER_RESULTS / "paired_differences.csv")
+    rows = []
+    for size in ("10", "100", "1000"):
+        cells = []
+        for init in ("pretrained", "frozen"):
+            for framework in ("torch", "keras"):
+                row = differences[(differences["comparison"] == f"{init} - scratch ({framework} alexnet)")
+                                  & (differences["train_size"].astype(str) == size)].iloc[0]
+                cells.append(f"{row.test_accuracy_diff_mean:+.3f} [{row.test_accuracy_diff_ci_low:+.3f}, "
+                             f"{row.test_accuracy_diff_ci_high:+.3f}]")
+        rows.append(f"| {size} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def test_readme_shows_the_committed_transfer_result():
+    readme = (REPO / "README.md").read_text()
+    for name in ("summary.md", "conclusions.md", "data_efficiency.png", "pretraining_gain.png", "README.md"):
+        assert (TRANSFER_RESULTS / name).stat().st_size > 0, name
+    assert "](benchmarks/results/transfer-cifar10/data_efficiency.png)" in readme
+    for row in transfer_gain_rows():
+        assert row in readme, row
+    provenance = (TRANSFER_RESULTS / "README.md").read_text()
+    assert "Wall time: " in provenance and "Machine: " in provenance and "transfer-cifar10.sh" in provenance
