@@ -1,9 +1,9 @@
-"""Opt-in: on real images, a backbone pretrained on other classes beats training from scratch, fine-tuned
-or frozen, in both frameworks, and conclusions.md says so with its intervals.
+"""Opt-in: on real images, fine-tuning a backbone pretrained on other classes beats training from
+scratch, in both frameworks at every seed, and conclusions.md says so with its interval.
 
 A reduced config/transfer-cifar10.yaml through the real workflow: AlexNet at 64x64 pretrained for one
-epoch on five CIFAR-10 classes (the JPEG copy), then trained from scratch, fine-tuned and frozen on the
-other five at 10 images per class, both frameworks, three seeds. Runs when CNNBENCH_REAL_DATA names the
+epoch on five CIFAR-10 classes (the JPEG copy), then trained from scratch and fine-tuned on the other
+five at 10 images per class, both frameworks, three seeds. Runs when CNNBENCH_REAL_DATA names the
 archive (.ci/run sets it when ../shared/data has it).
 """
 
@@ -23,9 +23,9 @@ from test_workflow import snakemake
 
 TRANSFER_CONFIG = REPO / "config" / "transfer-cifar10.yaml"
 SEEDS = [0, 1, 2]
-INITS = ("scratch", "pretrained", "frozen")
+INITS = ("scratch", "pretrained")  # the frozen backbone: in the committed study
 SIZE = 10
-LR = {"scratch": 0.01, "pretrained": 0.01, "frozen": 0.01}
+LR = {"scratch": 0.01, "pretrained": 0.01}
 REDUCED = {
     "variants": [f"{framework}-alexnet-{init}" for framework in ("torch", "keras") for init in INITS],
     "seeds": SEEDS,
@@ -36,8 +36,8 @@ REDUCED = {
     # epochs that 40 steps on 50 images take, and it outweighed the training at the full config's 500
     "data": {"val_size": 200, "test_limit": 1000},
 }
-# Measured with this reduced config on 2 cores (2026-12-02, 1,588 s beside two other trainings), test
-# accuracy on the 500 target test images, seeds 0/1/2 (chance 0.20):
+# Measured on 2 cores (2026-12-02, 1,588 s beside two other trainings, with the frozen variants too),
+# test accuracy on the 500 target test images, seeds 0/1/2 (chance 0.20):
 #   scratch     torch 0.200 0.200 0.242   keras 0.216 0.200 0.200
 #   fine-tuned  torch 0.478 0.460 0.474   keras 0.462 0.476 0.490
 #   frozen      torch 0.496 0.496 0.494   keras 0.500 0.498 0.496
@@ -71,7 +71,7 @@ def test_pretraining_beats_scratch_on_real_images(tmp_path):
                 assert list(metrics["test"]["per_class_accuracy"]) == ["dog", "frog", "horse", "ship", "truck"]
                 assert metrics["data"]["train_size"] == 5 * SIZE and metrics["data"]["test_size"] == 500
                 accuracy[framework, init, seed] = metrics["test"]["accuracy"]
-        for init in ("pretrained", "frozen"):
+        for init in ("pretrained",):
             gains[framework, init] = [accuracy[framework, init, seed] - accuracy[framework, "scratch", seed]
                                       for seed in SEEDS]
     print({key: round(value, 3) for key, value in accuracy.items()})
@@ -82,7 +82,7 @@ def test_pretraining_beats_scratch_on_real_images(tmp_path):
     differences = pd.read_csv(results / "paired_differences.csv")
     conclusions = (results / "conclusions.md").read_text()
     for framework in ("torch", "keras"):
-        for init, name in (("pretrained", "fine-tuning"), ("frozen", "the frozen backbone")):
+        for init, name in (("pretrained", "fine-tuning"),):
             row = differences[differences["comparison"] == f"{init} - scratch ({framework} alexnet)"].iloc[0]
             assert row["paired_seeds"] == len(SEEDS) and row["test_accuracy_diff_ci_low"] > 0, row.to_dict()
             claim = (f"At {SIZE} images per class, {name} minus scratch is {row['test_accuracy_diff_mean']:.4f} "
